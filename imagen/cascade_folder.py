@@ -8,9 +8,10 @@ Layout of a folder ``DIR``::
     DIR/text_encoder/               optional copy of the text encoder; cascade.json then sets
                                     text_encoder.name to "text_encoder", resolved relative to DIR
 
-Weights are read with safetensors only, never with pickle. Reading is strict: a missing file,
-a corrupt file, a missing or unexpected key, a shape mismatch, a non-finite value or a config
-whose U-Net, diffusion or resolution fields disagree with the weights raises :class:`CascadeFolderError` naming the file and the key.
+Weights are read with safetensors only, never with pickle. Reading is strict, and each of
+these raises :class:`CascadeFolderError` naming the file and the key: a missing file, a
+corrupt file, a missing or unexpected key, a shape mismatch, a non-finite value, or a config
+whose U-Net, diffusion or resolution fields disagree with the weights.
 Each file is written to a temporary name in the same folder and renamed into place, so a
 reader never sees a half-written file.
 """
