@@ -176,11 +176,12 @@ def training_target(x0: torch.Tensor, eps: torch.Tensor, log_snr: torch.Tensor, 
 
 
 def min_snr_weight(log_snr: torch.Tensor, objective: str, gamma: float) -> torch.Tensor:
-    """Per-sample min-SNR loss weight (B,) for the MSE on ``objective`` (Hang et al., 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
+    """Return the per-sample min-SNR loss weight (B,) for the MSE on ``objective``.
 
-    The weight is ``min(snr, gamma)`` on the x0 error. The eps error is ``snr`` times the x0 error
-    and the v error ``snr + 1`` times, so the weights are ``min(snr, gamma) / snr`` for eps and
-    ``min(snr, gamma) / (snr + 1)`` for v, computed here without overflow from log-SNR.
+    Min-SNR weighting (Hang et al., 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy") weights the x0 error by ``min(snr, gamma)``. The eps error is ``snr`` times the x0
+    error and the v error ``snr + 1`` times, so the weights are ``min(snr, gamma) / snr`` for eps
+    and ``min(snr, gamma) / (snr + 1)`` for v, computed here without overflow from log-SNR.
     """
     _check_objective(objective)
     if gamma <= 0:
