@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass
@@ -260,8 +262,8 @@ def _convert(annotation: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"invalid value {value!r} for key '{key}': expected an integer")
         return value
     if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"invalid value {value!r} for key '{key}': expected a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"invalid value {value!r} for key '{key}': expected a finite number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -331,9 +333,16 @@ def save_json_config(config: Any, path: PathLike) -> None:
     """Write a config dataclass as indented JSON, atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(to_dict(config), indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(json.dumps(to_dict(config), indent=2) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def load_cascade_config(name_or_path: PathLike) -> CascadeConfig:
