@@ -83,11 +83,15 @@ def threshold_x0(x0: torch.Tensor, mode: str, percentile: float = 0.995) -> torc
     if mode == "static":
         return x0.clamp(-1.0, 1.0)
     scale = abs_quantile_per_sample(x0, percentile).clamp(min=1.0)
-    out = torch.empty_like(x0)
     shape = (-1,) + (1,) * (x0.dim() - 1)
-    for chunk in _sample_chunks(x0.shape[0], x0[0].numel()):
+    chunks = _sample_chunks(x0.shape[0], x0[0].numel())
+    out = torch.empty_like(x0) if len(chunks) > 1 else None
+    for chunk in chunks:
         s = scale[chunk].reshape(shape)
-        out[chunk] = (torch.minimum(torch.maximum(x0[chunk].float(), -s), s) / s).to(x0.dtype)
+        scaled = (torch.minimum(torch.maximum(x0[chunk].float(), -s), s) / s).to(x0.dtype)
+        if out is None:
+            return scaled
+        out[chunk] = scaled
     return out
 
 
