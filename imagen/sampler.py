@@ -192,6 +192,7 @@ def _prediction_to_x0(pred: torch.Tensor, x: torch.Tensor, alpha: float, sigma: 
     return alpha * x - sigma * pred
 
 
+@torch.no_grad()
 def sample(
     model_fn: ModelFn,
     shape: Sequence[int],
@@ -227,6 +228,8 @@ def sample(
     callback: called after each model evaluation as ``callback(step_index, log_snr, x_t, x0)``;
         its return value is ignored.
     progress: show a tqdm progress bar over the steps.
+
+    The loop runs under ``torch.no_grad()``, so no autograd graph is kept across steps.
     """
     shape = tuple(int(size) for size in shape)
     if len(shape) < 2 or min(shape) < 1:

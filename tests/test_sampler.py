@@ -33,9 +33,10 @@ def analytic_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 # --- parity with diffusers -----------------------------------------------------------------------
 
 
-def diffusers_scheduler(solver: str, objective: str, thresholding: str):
+def diffusers_scheduler(solver: str, objective: str, thresholding: str, spacing: str | None = None):
     diffusers = pytest.importorskip("diffusers")
     options = dict(
+        timestep_spacing=spacing or ("linspace" if solver == "dpmpp_2m" else "leading"),
         num_train_timesteps=1000,
         beta_schedule="linear",
         prediction_type=DIFFUSERS_OBJECTIVE[objective],
@@ -52,9 +53,21 @@ def diffusers_scheduler(solver: str, objective: str, thresholding: str):
     )
 
 
-def run_parity(solver: str, objective: str, thresholding: str, num_steps: int, eta: float = 0.0) -> None:
-    scheduler = diffusers_scheduler(solver, objective, thresholding)
-    scheduler.set_timesteps(num_steps)
+def run_parity(
+    solver: str,
+    objective: str,
+    thresholding: str,
+    num_steps: int | None = None,
+    eta: float = 0.0,
+    spacing: str | None = None,
+    timesteps: list[int] | None = None,
+) -> None:
+    """Compare ``sample`` with the diffusers scheduler on the same timesteps, model and noise."""
+    scheduler = diffusers_scheduler(solver, objective, thresholding, spacing)
+    if timesteps is None:
+        scheduler.set_timesteps(num_steps)
+    else:
+        scheduler.set_timesteps(timesteps=timesteps)
     timesteps = scheduler.timesteps.tolist()
     shape = (3, 3, 8, 8)
     seeds = (1, 2, 3)
@@ -86,7 +99,7 @@ def run_parity(solver: str, objective: str, thresholding: str, num_steps: int, e
         model_fn, shape, diffusion=config(objective, "linear"), solver=solver, log_snrs=log_snrs, eta=eta,
         thresholding=thresholding, generators=generators(seeds), dtype=torch.float64, progress=False,
     )
-    assert len(calls) == num_steps
+    assert len(calls) == len(timesteps)
     assert all(dtype == torch.float64 for dtype in calls)
     # diffusers computes its coefficients in float32 (and DPM-Solver's state too), hence a relative bound.
     scale = max(1.0, reference.abs().max().item())
@@ -117,6 +130,17 @@ def test_dpmpp_2m_matches_diffusers(objective, thresholding):
 @pytest.mark.parametrize("num_steps", [1, 2, 3, 25])
 def test_parity_step_counts(solver, num_steps):
     run_parity(solver, "eps", "none", num_steps=num_steps, eta=0.3)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_parity_timestep_spacing(spacing):
+    # DDIM steps from t to t - 1000 // N, which is the next listed timestep for these two spacings.
+    run_parity("ddim", "v", "dynamic", num_steps=8, eta=0.4, spacing=spacing)
+
+
+@pytest.mark.parametrize("solver", ["ddpm", "dpmpp_2m"])
+def test_parity_custom_timesteps(solver):
+    run_parity(solver, "eps", "dynamic", timesteps=[999, 871, 640, 402, 233, 90, 17, 0])
 
 
 # --- solver invariants ----------------------------------------------------------------------------
@@ -204,6 +228,13 @@ def test_callback_sees_every_step():
     assert [entry[1] for entry in seen] == continuous_log_snrs(config(), 3).tolist()
     assert all(entry[2] == (1, 3, 4, 4) for entry in seen)
     assert torch.equal(seen[-1][3], out)
+
+
+def test_sample_keeps_no_graph():
+    weight = torch.ones(1, requires_grad=True)
+    out = sample(lambda x, log_snr: x * weight, (1, 3, 4, 4), diffusion=config(), solver="ddim", num_steps=2,
+                 progress=False)
+    assert not out.requires_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
