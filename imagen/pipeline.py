@@ -461,6 +461,31 @@ class ImagenPipeline:
             for i, stage in enumerate(run)
         ]
 
+    def plan(
+        self,
+        *,
+        stop_at_stage: Union[int, str, None] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        guidance_scale: Any = None,
+        num_inference_steps: Any = None,
+        sampler: Any = None,
+        noise_aug_level: Any = None,
+        thresholding: Any = "dynamic",
+    ) -> list[StageSettings]:
+        """Check the arguments of :meth:`__call__` and return the settings of each stage it would run.
+
+        With these, :meth:`encode_prompt` and :meth:`sample_stage` run the cascade one stage at
+        a time (as the cascade benchmark does).
+        """
+        last = self._stage_index(stop_at_stage)
+        base = self.config.stages[0]
+        height = base.resolution if height is None else height
+        width = base.resolution if width is None else width
+        sizes = stage_sizes(self.config.stages[:last + 1], height, width, base.resolution)
+        return self._resolve_settings(0, last, sizes, guidance_scale, num_inference_steps, sampler,
+                                      noise_aug_level, thresholding)
+
     def _run(
         self, text: TextCondition, start: int, settings: list[StageSettings], generators: list[torch.Generator],
         seeds: Optional[list[int]], lowres: Optional[torch.Tensor], output_type: str, return_all_stages: bool,
@@ -522,13 +547,11 @@ class ImagenPipeline:
         """
         output_type = check_output_type(output_type)
         count = check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        last = self._stage_index(stop_at_stage)
-        base = self.config.stages[0]
-        height = base.resolution if height is None else height
-        width = base.resolution if width is None else width
-        sizes = stage_sizes(self.config.stages[:last + 1], height, width, base.resolution)
-        settings = self._resolve_settings(0, last, sizes, guidance_scale, num_inference_steps, sampler,
-                                          noise_aug_level, thresholding)
+        settings = self.plan(
+            stop_at_stage=stop_at_stage, height=height, width=width, guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps, sampler=sampler, noise_aug_level=noise_aug_level,
+            thresholding=thresholding,
+        )
         text = self._text_condition(prompt, negative_prompt, prompt_embeds, prompt_embeds_mask,
                                     negative_prompt_embeds, negative_prompt_embeds_mask).repeat(count)
         generators, seeds = make_generators(len(text), generator, seed)
@@ -536,20 +559,19 @@ class ImagenPipeline:
                          callback_on_step_end, progress)
 
     def _start_stage(self, size: tuple[int, int], start_stage: Union[int, str, None]) -> int:
-        """Return the index of the super-resolution stage that takes an image of ``size`` (h, w)."""
+        """Return ``start_stage``'s index, or that of the stage whose input resolution is the shorter side of ``size``."""
         stages = self.config.stages
         if start_stage is not None:
             index = self._stage_index(start_stage)
             if not stages[index].is_super_resolution:
                 raise ValueError(f"start_stage {start_stage!r} is the base stage: pass a super-resolution stage")
             return index
-        matches = [i for i, stage in enumerate(stages) if stage.is_super_resolution and stage.lowres_resolution in size]
-        if len(matches) != 1:
+        matches = [i for i, stage in enumerate(stages) if stage.is_super_resolution and stage.lowres_resolution == min(size)]
+        if not matches:
             accepted = {stage.name: stage.lowres_resolution for stage in stages if stage.is_super_resolution}
-            problem = "matches no" if not matches else "matches more than one"
             raise ValueError(
-                f"image size {size[0]}x{size[1]} {problem} super-resolution stage (stage: input resolution {accepted}): "
-                "resize the image, or pass start_stage"
+                f"image size {size[0]}x{size[1]} matches no super-resolution stage: the shorter side must equal a "
+                f"stage's input resolution {accepted}; resize the image, or pass start_stage"
             )
         return matches[0]
 
@@ -580,8 +602,9 @@ class ImagenPipeline:
         """Run the cascade from a given low-resolution image instead of the base stage.
 
         ``image``: a PIL image or list, a numpy array (H, W, 3) or (B, H, W, 3) (uint8, or float
-        in [0, 1]), or a tensor (3, H, W) or (B, 3, H, W) in [-1, 1]. The first stage is the
-        one whose ``lowres_resolution`` equals the image's height or width, or ``start_stage``.
+        in [0, 1]), or a tensor (3, H, W) or (B, 3, H, W) in [-1, 1]. The first stage is
+        ``start_stage``, by default the one whose ``lowres_resolution`` equals the image's shorter
+        side (a 64 x 128 image starts at the 64 -> 256 stage and comes out 256 x 512).
         One image or one prompt is broadcast to the other's count. Other arguments are those of
         :meth:`__call__`.
         """

@@ -22,6 +22,7 @@ from imagen.cascade_folder import (
     write_stage,
 )
 from imagen.config import CascadeConfig, DiffusionConfig, StageConfig, UNetConfig, to_dict
+from imagen.diffusion import alpha_sigma
 from imagen.pipeline import ImagenPipeline, StepEnd
 from imagen.text_encoder import FrozenTextEncoder
 
@@ -242,9 +243,13 @@ def test_output_types(pipe):
     pil = pipe("a fox", seed=2, progress=False).images
     array = pipe("a fox", seed=2, output_type="np", progress=False).images
     tensor = pipe("a fox", seed=2, output_type="pt", progress=False).images
-    assert isinstance(pil[0], Image.Image) and pil[0].mode == "RGB"
-    assert array.dtype == np.uint8 and array.shape == (1, 64, 64, 3)
-    assert tensor.dtype == torch.float32 and tensor.min() >= -1 and tensor.max() <= 1
+    assert isinstance(pil[0], Image.Image)
+    assert pil[0].mode == "RGB"
+    assert array.dtype == np.uint8
+    assert array.shape == (1, 64, 64, 3)
+    assert tensor.dtype == torch.float32
+    assert tensor.min() >= -1
+    assert tensor.max() <= 1
     assert np.array_equal(np.asarray(pil[0]), array[0])
 
 
@@ -296,8 +301,45 @@ def test_super_resolve_starts_at_matching_stage(pipe):
     assert [s.name for s in from_pil.settings] == ["sr64"]
 
 
+class UpsampleOracle(torch.nn.Module):
+    """Predicts the v that makes x0 exactly the conditioning image: a perfect super-resolution U-Net."""
+
+    def forward(self, x, log_snr, text_embeds=None, text_mask=None, lowres_image=None, lowres_noise_level=None):
+        alpha, sigma = (value.double()[:, None, None, None] for value in alpha_sigma(log_snr.double()))
+        return ((alpha * x.double() - lowres_image.double()) / sigma).to(x.dtype)
+
+
+def test_super_resolve_keeps_orientation(pipe, tiny_cascade_config, encoder):
+    oracle = ImagenPipeline(tiny_cascade_config, encoder, [pipe.unets["base"], UpsampleOracle(), UpsampleOracle()])
+    oracle.progress = False
+    # A 16 x 32 (height x width) image: red left half, blue right half, a white top row.
+    array = np.zeros((16, 32, 3), dtype=np.uint8)
+    array[:, :16, 0] = 220
+    array[:, 16:, 2] = 220
+    array[0] = 255
+    output = oracle.super_resolve(Image.fromarray(array), "a flag", seed=0, noise_aug_level=0.0, output_type="np",
+                                  return_all_stages=True)
+    assert output.stage_images["sr32"].shape == (1, 32, 64, 3)
+    final = output.images[0].astype(int)
+    assert final.shape == (64, 128, 3)
+    assert final[32, 10, 0] > 200  # left half red
+    assert final[32, 10, 2] < 30
+    assert final[32, 118, 2] > 200  # right half blue
+    assert final[32, 118, 0] < 30
+    assert final[0, 64].min() > 200
+
+    from_sr64 = oracle.super_resolve(Image.fromarray(array), "a flag", start_stage="sr64", seed=0, output_type="np")
+    assert from_sr64.images.shape == (1, 32, 64, 3)
+
+
+def test_plan_resolves_defaults(pipe):
+    settings = pipe.plan(height=32, width=16, num_inference_steps={"sr32": 5}, stop_at_stage="sr32")
+    assert [(s.name, s.height, s.width, s.num_steps) for s in settings] == [("base", 32, 16, 3), ("sr32", 64, 32, 5)]
+    assert [s.guidance_scale for s in settings] == [3.0, 2.0]
+
+
 def test_super_resolve_rejects_unmatched_size(pipe):
-    with pytest.raises(ValueError, match="image size 24x24 matches no super-resolution stage"):
+    with pytest.raises(ValueError, match="image size 24x24 matches no super-resolution stage: the shorter side"):
         pipe.super_resolve(torch.zeros(1, 3, 24, 24), "a fox")
 
 
