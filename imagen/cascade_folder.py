@@ -348,6 +348,13 @@ def read_cascade_weights(
     cfg = select_stages(read_cascade(folder), last_stage)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for index, stage in enumerate(cfg.stages):
+        if index > 0 and not (folder / stage.name).exists():
+            previous = cfg.stages[index - 1].name
+            raise CascadeFileNotFoundError(
+                f"missing folder {folder / stage.name}: {CASCADE_FILE} lists stage {stage.name!r} but the folder has no "
+                f"files for it (not trained or exported yet?); load the stages before it with "
+                f"stop_at_stage={previous!r} (imagen generate --stop-at-stage {previous})"
+            )
         stage_cfg, state_dict = read_stage(folder, stage.name, device=device)
         difference = first_difference(to_dict(stage), to_dict(stage_cfg))
         if difference is not None:

@@ -240,7 +240,10 @@ def _describe(target: str) -> dict[str, Any]:
 
     folder = Path(target)
     is_folder = folder.is_dir()
-    cfg = read_cascade(folder) if is_folder else load_cascade_config(target)
+    try:
+        cfg = read_cascade(folder) if is_folder else load_cascade_config(target)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{target!r} is not a cascade folder, and {error}") from None
     stages = []
     for stage in cfg.stages:
         with torch.device("meta"):

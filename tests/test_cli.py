@@ -215,3 +215,10 @@ def test_invalid_command_line_exits_2(capsys):
     assert cli.main(["generate"]) == 2
     assert cli.main(["generate", "a fox", "--sampler", "euler"]) == 2
     assert "invalid choice: 'euler'" in capsys.readouterr().err
+
+
+def test_info_unknown_target(tmp_path, capsys):
+    assert cli.main(["info", str(tmp_path / "nothing")]) == 1
+    error = capsys.readouterr().err
+    assert "is not a cascade folder, and cascade config" in error
+    assert "imagen-tiny" in error

@@ -156,7 +156,7 @@ def test_resave_loaded_pipeline_copies_encoder(saved_folder, encoder, tmp_path):
 
 def test_from_pretrained_prefix_of_stages(folder_copy, encoder):
     shutil.rmtree(folder_copy / "sr64")
-    with pytest.raises(CascadeFileNotFoundError, match="sr64"):
+    with pytest.raises(CascadeFileNotFoundError, match="stage 'sr64' .* stop_at_stage='sr32'"):
         ImagenPipeline.from_pretrained(folder_copy, text_encoder=encoder)
     loaded = ImagenPipeline.from_pretrained(folder_copy, stop_at_stage="sr32", text_encoder=encoder)
     assert [stage.name for stage in loaded.config.stages] == ["base", "sr32"]
