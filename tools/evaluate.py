@@ -269,10 +269,10 @@ class TextTable:
 
 
 def encode_texts(pipe, captions: Sequence[str]) -> TextTable:
-    """Encode each distinct caption once with the cascade's text encoder."""
+    """Encode each distinct caption once with the cascade's text encoder, in batches as training does."""
     texts = list(dict.fromkeys(captions))
-    condition = pipe.encode_prompt(texts)
-    return TextTable(texts, condition.embeds.to(pipe.device), condition.mask.to(pipe.device))
+    embeds, mask = pipe.text_encoder.encode(texts)
+    return TextTable(texts, embeds.to(pipe.device, pipe.dtype), mask.to(pipe.device))
 
 
 def load_stage_images(images: Sequence[HeldOutImage], stage: StageConfig,
@@ -361,6 +361,14 @@ def caption_ranking(pipe, stage: StageConfig, images: Sequence[HeldOutImage], ca
     return {"stage": stage.name, **report, "draws": args.draws, "skipped": len(images) - len(loaded)}
 
 
+def _timed(function: Callable[..., dict], *args) -> dict:
+    """Call ``function(*args)`` and add its wall-clock time in seconds to the dict it returns."""
+    started = time.perf_counter()
+    result = function(*args)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Load the cascade, run both measurements and return the JSON-ready report."""
     from imagen.pipeline import ImagenPipeline
@@ -383,17 +391,19 @@ def evaluate(args: argparse.Namespace) -> dict:
 
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     report = {"cascade": str(args.cascade), "cascade_name": pipe.config.name, "data": str(args.data),
-              "split": args.split, "ids_file": args.ids_file, "seed": args.seed, "bf16": args.bf16, "device": str(device)}
+              "split": args.split, "ids_file": args.ids_file, "seed": args.seed, "bf16": args.bf16, "device": str(device),
+              "setup_seconds": round(time.perf_counter() - started, 2)}
     with torch.no_grad(), precision:
         report["denoising"] = {}
         for stage in pipe.config.stages:
             folder, images = stage_sets[stage.name]
-            report["denoising"][stage.name] = stage_denoising(pipe, stage, folder, images[:args.limit], table, args, memory_format)
+            report["denoising"][stage.name] = _timed(stage_denoising, pipe, stage, folder, images[:args.limit], table, args,
+                                                     memory_format)
         if not args.no_ranking:
             base = pipe.config.stages[0]
             images = stage_sets[base.name][1]
-            report["caption_ranking"] = caption_ranking(pipe, base, images[:args.limit], [image.caption for image in images],
-                                                        table, args, memory_format)
+            report["caption_ranking"] = _timed(caption_ranking, pipe, base, images[:args.limit],
+                                               [image.caption for image in images], table, args, memory_format)
     report["seconds"] = round(time.perf_counter() - started, 2)
     return report
 
