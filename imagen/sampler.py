@@ -250,7 +250,8 @@ def sample(
     x = randn_like_per_sample(shape, generators, device, dtype)
     log_snr_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     x0_prev = None
-    for index, step in enumerate(tqdm(steps, desc=f"sampling ({solver})", disable=not progress)):
+    progress_bar = tqdm(total=len(steps), desc=f"sampling ({solver})", disable=not progress)
+    for index, step in enumerate(steps):
         log_snr = torch.full((shape[0],), step.log_snr, dtype=log_snr_dtype, device=x.device)
         pred = model_fn(x, log_snr)
         if pred.shape != x.shape:
@@ -266,6 +267,7 @@ def sample(
 
         if math.isinf(step.next_log_snr):
             x = x0
+            progress_bar.update(1)
             break
         x_next = x * step.x_coef + x0 * step.x0_coef
         if step.prev_x0_coef != 0.0:
@@ -273,4 +275,6 @@ def sample(
         if step.noise_coef > 0.0:
             x_next = x_next + randn_like_per_sample(shape, generators, x.device, dtype) * step.noise_coef
         x, x0_prev = x_next, x0
+        progress_bar.update(1)
+    progress_bar.close()
     return x
