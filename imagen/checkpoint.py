@@ -14,7 +14,7 @@ Layout under ``OUTPUT/checkpoints``::
 
 All processes write into the temporary folder. After every process has finished, the main
 process fsyncs each file, writes the manifest, fsyncs it and renames the folder to its final
-name, so a kill at any moment leaves either no new checkpoint or a complete one, and the
+name. So a kill at any moment leaves either no new checkpoint or a complete one, and the
 previous checkpoints stay intact. Loading verifies the manifest first: a missing, truncated or
 altered file raises :class:`CheckpointError` instead of being skipped.
 """

@@ -1,8 +1,8 @@
 """Exponential moving average (EMA) of model weights, for sampling and export.
 
 After each optimizer step, ``ema = decay_n * ema + (1 - decay_n) * weights``. With warm-up the
-decay at update ``n`` (1-based) is ``min(decay, (1 + n) / (10 + n))``, so early averages do not
-cling to the random initialisation; without it the decay is constant. The update counter is
+decay at update ``n`` (1-based) is ``min(decay, (1 + n) / (10 + n))``, so that early averages
+forget the random initialisation quickly. Without warm-up the decay is constant. The update counter is
 part of :meth:`ExponentialMovingAverage.state_dict`, so a resumed run continues the same decay
 sequence.
 """

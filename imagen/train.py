@@ -101,6 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Only the main process logs progress; the others report warnings and errors.
     logging.basicConfig(level=level if accelerator.is_main_process else logging.WARNING,
                         format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(max(level, logging.WARNING))  # it logs every file of every save
     summary = train(options, accelerator)
     if accelerator.is_main_process:
         logging.getLogger(__name__).info("finished: %s", summary)

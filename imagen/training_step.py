@@ -1,10 +1,10 @@
 """The diffusion training loss of one stage, with every random draw taken from per-sample seeds.
 
-For each sample, one generator seeded with its seed draws, in this order: the time ``t``
-(uniform in [0, 1]), whether its caption is dropped, the noise-augmentation level of the
-low-resolution image (uniform in ``[0, train_noise_aug_max]``), the image noise ``eps`` and the
-noise for the augmentation. So a sample's loss depends on its seed, never on its batch or
-position, and a resumed run redraws exactly the same values.
+Each sample has one generator, seeded with the sample's seed. It draws three uniform numbers
+(the time ``t`` in [0, 1], the caption-dropout draw, and the noise-augmentation level of the
+low-resolution image in ``[0, train_noise_aug_max]``), then the image noise ``eps``, then the
+augmentation noise. So a sample's loss depends on its seed, never on its batch or position,
+and a resumed run draws exactly the same values.
 """
 
 from __future__ import annotations
