@@ -48,26 +48,35 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
-    """GroupNorm on a bfloat16 or float16 channels_last input; statistics are float32."""
+    """GroupNorm on a bfloat16 or float16 channels_last input, with per-channel or per-sample affine.
+
+    ``weight`` and ``bias`` are None, (C,) or (B, C); statistics and parameter gradients are float32.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, groups: int, eps: float):
         batch, channels, height, width = x.shape
-        # Float32 weight makes the native kernel return float32 mean and rstd, which the backward pass reuses.
-        weight32 = weight.float() if weight is not None else x.new_ones(channels, dtype=torch.float32)
-        bias32 = bias.float() if bias is not None else None
+        per_sample = weight is not None and weight.dim() == 2
+        # A float32 weight makes the native kernel return float32 mean and rstd for the backward pass.
+        native_weight = x.new_ones(channels, dtype=torch.float32) if weight is None or per_sample else weight.float()
+        native_bias = None if bias is None or per_sample else bias.float()
         out, mean, rstd = torch.ops.aten.native_group_norm(
-            x, weight32, bias32, batch, channels, height * width, groups, eps
+            x, native_weight, native_bias, batch, channels, height * width, groups, eps
         )
-        ctx.save_for_backward(x, weight32, mean, rstd)
+        if per_sample:
+            # FiLM: scale and shift per image and channel, applied to the normalized (B, H*W, C) tokens.
+            shift = bias.to(x.dtype).unsqueeze(1) if bias is not None else torch.zeros_like(weight, dtype=x.dtype).unsqueeze(1)
+            out = _image(torch.addcmul(shift, _tokens(out), weight.to(x.dtype).unsqueeze(1)), height, width)
+        gamma = weight.float().expand(batch, channels) if weight is not None else native_weight.expand(batch, channels)
+        ctx.save_for_backward(x, gamma, mean, rstd)
         ctx.groups = groups
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
+        ctx.weight_shape = None if weight is None else weight.shape
+        ctx.bias_shape = None if bias is None else bias.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight32, mean, rstd = ctx.saved_tensors
+        x, gamma, mean, rstd = ctx.saved_tensors
         groups = ctx.groups
         batch, channels, height, width = x.shape
         per_group = channels // groups
@@ -88,34 +97,53 @@ class _ChannelsLastGroupNorm(torch.autograd.Function):
         sum_grad = grad_tokens.sum(1).float()  # (B, C), accumulated in float32 and rounded once
         sum_grad_xhat = (grad_tokens * x_hat).sum(1).float()
 
-        # d x = rstd * (w * dy - mean_group(w * dy) - x_hat * mean_group(w * dy * x_hat)).
-        k1 = (weight32 * sum_grad).view(batch, groups, per_group).sum(-1) / count
-        k2 = (weight32 * sum_grad_xhat).view(batch, groups, per_group).sum(-1) / count
+        # dx = rstd * (g * dy - mean_group(g * dy) - x_hat * mean_group(g * dy * x_hat)), g = gamma.
+        k1 = (gamma * sum_grad).view(batch, groups, per_group).sum(-1) / count
+        k2 = (gamma * sum_grad_xhat).view(batch, groups, per_group).sum(-1) / count
         k1 = k1.repeat_interleave(per_group, dim=1)
         k2 = k2.repeat_interleave(per_group, dim=1)
-        coeff_grad = rstd_c * weight32
+        coeff_grad = rstd_c * gamma
         coeff_xhat = -rstd_c * k2
         offset = -rstd_c * k1
         grad_x = torch.addcmul(offset.to(dtype).unsqueeze(1), x_hat, coeff_xhat.to(dtype).unsqueeze(1))
         grad_x.addcmul_(grad_tokens, coeff_grad.to(dtype).unsqueeze(1))
-        grad_x = grad_x.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
-        grad_weight = sum_grad_xhat.sum(0) if ctx.has_weight else None
-        grad_bias = sum_grad.sum(0) if ctx.has_bias else None
-        return grad_x, grad_weight, grad_bias, None, None
+        grad_weight = grad_bias = None
+        if ctx.weight_shape is not None:
+            grad_weight = sum_grad_xhat if len(ctx.weight_shape) == 2 else sum_grad_xhat.sum(0)
+        if ctx.bias_shape is not None:
+            grad_bias = sum_grad if len(ctx.bias_shape) == 2 else sum_grad.sum(0)
+        return _image(grad_x, height, width), grad_weight, grad_bias, None, None
+
+
+def _image(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """View (B, H*W, C) tokens as a channels_last (B, C, H, W) tensor."""
+    batch, _, channels = tokens.shape
+    return tokens.view(batch, height, width, channels).permute(0, 3, 1, 2)
 
 
 def group_norm(
     x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float = 1e-5
 ) -> torch.Tensor:
-    """Group-normalize ``x`` (B, C, H, W); same math and output as ``F.group_norm``.
+    """Group-normalize ``x`` (B, C, H, W), then scale by ``weight`` and shift by ``bias``.
 
-    A bfloat16 or float16 channels_last input takes the fast backward path described in the
-    module docstring. Gradients for the weight and bias come back in float32.
+    ``weight`` and ``bias`` are None, per channel (C,) as in ``F.group_norm``, or per image and
+    channel (B, C) for FiLM conditioning (both must then have the same shape). A bfloat16 or
+    float16 channels_last input takes the fast backward path described in the module docstring,
+    and its weight and bias gradients come back in float32.
     """
+    per_sample = weight is not None and weight.dim() == 2
+    if per_sample and (bias is not None and bias.shape != weight.shape):
+        raise ValueError(f"per-sample weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must have the same shape")
     if _is_reduced_channels_last(x) and torch.is_grad_enabled():
         return _ChannelsLastGroupNorm.apply(x, weight, bias, groups, eps)
-    return F.group_norm(x, groups, weight, bias, eps)
+    if not per_sample:
+        return F.group_norm(x, groups, weight, bias, eps)
+    normalized = F.group_norm(x, groups, None, None, eps)
+    scale = weight.to(normalized.dtype)[:, :, None, None]
+    if bias is None:
+        return normalized * scale
+    return torch.addcmul(bias.to(normalized.dtype)[:, :, None, None], normalized, scale)
 
 
 class GroupNorm(nn.GroupNorm):

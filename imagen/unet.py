@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from imagen.attention import AttentionPool, ImageAttention, TextContext
 from imagen.config import UNetConfig
-from imagen.norm import GroupNorm, num_groups_for
+from imagen.norm import GroupNorm, group_norm, num_groups_for
 
 SKIP_SCALE = 2.0 ** -0.5  # scale of the U-Net skip connections (Imagen, appendix B)
 
@@ -124,7 +124,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1 = GroupNorm(num_groups_for(in_channels), in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm(num_groups_for(out_channels), out_channels, affine=False)
+        self.norm2_groups = num_groups_for(out_channels)
         self.film = nn.Linear(cond_dim, 2 * out_channels)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -134,8 +134,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(cond).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
-        h = torch.addcmul(shift, self.norm2(h), 1.0 + scale)
+        scale, shift = self.film(cond).chunk(2, dim=1)
+        h = group_norm(h, self.norm2_groups, 1.0 + scale, shift)
         h = self.conv2(self.dropout(F.silu(h)))
         return h + self.skip(x)
 

@@ -302,17 +302,20 @@ def test_shipped_configs_build(name):
         assert sum(param.numel() for param in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("affine", ["none", "per-channel", "per-sample"])
 def test_group_norm_channels_last_bf16_gradients(affine):
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 32, 6, 5, generator=generator) * 3 + 1).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(32, generator=generator).requires_grad_() if affine else None
-    bias = torch.randn(32, generator=generator).requires_grad_() if affine else None
+    shape = {"none": None, "per-channel": (32,), "per-sample": (2, 32)}[affine]
+    weight = torch.randn(shape, generator=generator).requires_grad_() if shape else None
+    bias = torch.randn(shape, generator=generator).requires_grad_() if shape else None
     grad_out = torch.randn(2, 32, 6, 5, generator=generator)
     params = [p for p in (weight, bias) if p is not None]
 
     x_ref = x.clone().requires_grad_()
-    expected = F.group_norm(x_ref, 8, weight, bias)
+    expected = F.group_norm(x_ref, 8)
+    if weight is not None:
+        expected = expected * weight.view(-1, 32, 1, 1) + bias.view(-1, 32, 1, 1)
     expected_grads = torch.autograd.grad(expected, [x_ref, *params], grad_out)
 
     x_bf16 = x.bfloat16().requires_grad_()
@@ -322,5 +325,16 @@ def test_group_norm_channels_last_bf16_gradients(affine):
     grads = torch.autograd.grad(out, [x_bf16, *params], grad_out.bfloat16().contiguous(memory_format=torch.channels_last))
     assert (out.float() - expected).abs().max().item() < 0.05
     for grad, reference in zip(grads, expected_grads):
+        assert grad.shape == reference.shape
         relative = (grad.float() - reference).norm() / reference.norm()
         assert relative.item() < 0.02
+
+
+def test_group_norm_per_sample_fp32_matches_reference():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 4, 4, generator=generator)
+    weight, bias = torch.randn(2, 16, generator=generator), torch.randn(2, 16, generator=generator)
+    expected = F.group_norm(x, 4) * weight[:, :, None, None] + bias[:, :, None, None]
+    assert torch.allclose(group_norm(x, 4, weight, bias), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        group_norm(x, 4, weight, bias[:, :8])

@@ -130,14 +130,16 @@ def measure_model(model, forward, inputs: dict, precision: str, memory_format: s
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sample_times = _time_calls(sample_step, warmup, steps)
 
+    # FLOPs do not depend on the precision; they are counted in float32 because FlopCounterMode's
+    # decompositions can miss autocast's casts (imagen-pytorch's einsum then fails on mixed dtypes).
     with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
-        with autocast():
-            out = forward(model, **inputs)
+        out = forward(model, **inputs)
         torch.nn.functional.mse_loss(out.float(), target).backward()
     train_flops = counter.get_total_flops()
     optimizer.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
-        sample_step()
+        with torch.inference_mode():
+            forward(model, **inputs)
     sample_flops = counter.get_total_flops()
 
     train_median = statistics.median(train_times)
