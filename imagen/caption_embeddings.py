@@ -18,12 +18,15 @@ class CaptionEmbeddings:
 
     Recently used embeddings stay in memory (least recently used first out, at most
     ``max_bytes``), so a training step reads the disk cache only for captions it has not
-    seen lately. ``L`` is the longest caption of the batch, at least 1.
+    seen lately. ``L`` is the longest caption of the batch, at least 1. With
+    ``write_cache=False`` (processes other than the main one) captions missing from the disk
+    cache are encoded but not stored, so that only the main process writes files.
     """
 
-    def __init__(self, cache: EmbeddingCache, max_bytes: int = 1 << 30):
+    def __init__(self, cache: EmbeddingCache, max_bytes: int = 1 << 30, write_cache: bool = True):
         self.cache = cache
         self.max_bytes = max_bytes
+        self.write_cache = write_cache
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
 
@@ -46,9 +49,17 @@ class CaptionEmbeddings:
         missing = [caption for caption in dict.fromkeys(captions) if caption not in self._memory]
         if not missing:
             return
-        embeds, mask = self.cache.get(missing, device="cpu")
-        for row, caption in enumerate(missing):
-            self._remember(caption, embeds[row, :int(mask[row].sum())].clone())
+        # NOTE: without write_cache, a caption missing from the disk cache is encoded in a batch that
+        # depends on the data, and padding can change its embedding by rounding; a resumed run may
+        # then differ slightly. Only WebDataset runs on several processes meet uncached captions.
+        cached = missing if self.write_cache else [c for c in missing if self.cache.path_for(c).is_file()]
+        uncached = [caption for caption in missing if caption not in set(cached)]
+        for group, source in ((cached, self.cache.get), (uncached, self.cache.encoder.encode)):
+            if not group:
+                continue
+            embeds, mask = source(group)
+            for row, caption in enumerate(group):
+                self._remember(caption, embeds[row, :int(mask[row].sum())].cpu().clone())
 
     def precompute(self, captions: Sequence[str], chunk_size: int = 256) -> None:
         """Encode every caption that the disk cache lacks, ``chunk_size`` at a time."""
@@ -65,8 +76,9 @@ class CaptionEmbeddings:
         for caption in captions:
             embedding = self._memory.get(caption)
             if embedding is None:  # evicted within this batch: larger than max_bytes allows
-                embeds, mask = self.cache.get([caption], device="cpu")
-                embedding = embeds[0, :int(mask[0].sum())]
+                source = self.cache.get if self.write_cache else self.cache.encoder.encode
+                embeds, mask = source([caption])
+                embedding = embeds[0, :int(mask[0].sum())].cpu()
             else:
                 self._memory.move_to_end(caption)
             rows.append(embedding)

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from imagen.trainer import MIXED_PRECISION, TrainOptions, build_accelerator, train
+from imagen.checkpoint import CheckpointError
+from imagen.trainer import MIXED_PRECISION, TrainOptions, Trainer, build_accelerator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", type=Path, required=True, help="run folder: checkpoints/, samples/, text_cache/, cascade/")
     run.add_argument("--text-encoder", help="override the cascade's text encoder: a TextEncoderConfig JSON file, or a "
                                             "model folder or hub id that replaces only its name")
+    run.add_argument("--text-cache", type=Path, help="folder of the text embedding cache, shareable between runs "
+                                                     "(default OUTPUT/text_cache)")
     run.add_argument("--init-from", type=Path, help="cascade folder whose weights of --stage start the run (fine-tuning)")
     run.add_argument("--export", type=Path, help="cascade folder for the EMA weights at the end (default OUTPUT/cascade)")
     run.add_argument("--no-export", action="store_true", help="do not export at the end unless --export is given")
@@ -75,7 +78,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     """Turn parsed arguments into :class:`TrainOptions`."""
     return TrainOptions(
         stage=args.stage, output=args.output, config=args.config, data=args.data, shards=args.shards, split=args.split,
-        text_encoder=args.text_encoder, init_from=args.init_from, export=args.export, export_at_end=not args.no_export,
+        text_encoder=args.text_encoder, text_cache=args.text_cache, init_from=args.init_from, export=args.export,
+        export_at_end=not args.no_export,
         resume=args.resume, steps=args.steps, batch_size=args.batch_size, accumulation=args.accumulation, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, adam_eps=args.adam_eps, grad_clip=args.grad_clip or None,
         mixed_precision=args.mixed_precision, ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup,
@@ -102,7 +106,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=level if accelerator.is_main_process else logging.WARNING,
                         format=f"%(asctime)s [rank {accelerator.process_index}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(max(level, logging.WARNING))  # it logs every file of every save
-    summary = train(options, accelerator)
+    try:
+        trainer = Trainer(options, accelerator)
+    except (FileNotFoundError, ValueError, KeyError, CheckpointError) as error:
+        # Set-up errors (config, data, checkpoint) get a one-line message instead of a traceback.
+        build_parser().error(str(error.args[0]) if isinstance(error, KeyError) else str(error))
+    summary = trainer.fit()
     if accelerator.is_main_process:
         logging.getLogger(__name__).info("finished: %s", summary)
     accelerator.end_training()

@@ -56,6 +56,7 @@ class TrainOptions:
     shards: Optional[Path] = None
     split: Optional[str] = None
     text_encoder: Optional[str] = None
+    text_cache: Optional[Path] = None
     init_from: Optional[Path] = None
     export: Optional[Path] = None
     export_at_end: bool = True
@@ -186,12 +187,6 @@ class Trainer:
         options.validate()
         self.options = options
         self.accelerator = accelerator or build_accelerator(options.mixed_precision)
-        if self.accelerator.device.type == "cpu":
-            # Zero-initialised layers and a small warm-up learning rate make early gradients
-            # subnormal. CPU arithmetic on subnormals made imagen-tiny's base steps about 20x
-            # slower (measured on a 2-core x86 CPU). Flushing changes values below 1.2e-38 only.
-            # NOTE: the setting is process-wide and stays on after training.
-            torch.set_flush_denormal(True)
         self.output = Path(options.output)
         self.cascade = load_run_config(options)
         self.stage = self.cascade.stage(options.stage)
@@ -223,7 +218,8 @@ class Trainer:
         """Load the encoder and fill the embedding cache, on the main process first; the others then read it."""
         acc = self.accelerator
         encoder = FrozenTextEncoder.from_config(self.cascade.text_encoder, device=acc.device)
-        text = CaptionEmbeddings(EmbeddingCache(self.output / "text_cache", encoder))
+        cache = EmbeddingCache(self.options.text_cache or self.output / "text_cache", encoder)
+        text = CaptionEmbeddings(cache, write_cache=acc.is_main_process)
         self.preview_prompts, self.preview_lowres, self.preview_reference = self._preview_inputs()
         captions = list(self.preview_prompts)
         if isinstance(self.dataset, ImageCaptionFolder):
@@ -316,11 +312,12 @@ class Trainer:
         return iter(loader)
 
     def _note_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """Count unusable images; the main process logs each of its own, the log lines every process's count."""
         for name, reason in skipped:
             if name not in self.skipped:
                 self.skipped.add(name)
-                logger.warning("skipped %s (%d skipped so far on process %d)", reason, len(self.skipped),
-                               self.accelerator.process_index)
+                if self.accelerator.is_main_process:
+                    logger.warning("skipped %s (%d skipped so far on this process)", reason, len(self.skipped))
 
     # --- training ------------------------------------------------------------------------------
 
@@ -449,23 +446,30 @@ class Trainer:
         if not acc.is_main_process:
             return None
         folder = Path(folder)
+        init_from = self.options.init_from
         if (folder / cascade_folder.CASCADE_FILE).is_file():
-            existing = cascade_folder.read_cascade(folder)
-            try:
-                listed = existing.stage(self.stage.name)
-            except KeyError as error:
-                raise ValueError(f"cannot export stage {self.stage.name!r} into {folder}: {error}") from None
-            difference = cascade_folder.first_difference(to_dict(listed), to_dict(self.stage))
-            if difference is not None:
-                raise ValueError(f"cannot export stage {self.stage.name!r} into {folder}: its cascade.json differs at key "
-                                 f"'{difference[0]}' ({difference[1]!r} there, {difference[2]!r} here); export into a new folder")
-        elif self.options.init_from is not None and Path(self.options.init_from).resolve() != folder.resolve():
-            shutil.copytree(self.options.init_from, folder, dirs_exist_ok=True)
+            self._check_listed_stage(folder, folder)
+        elif init_from is not None and Path(init_from).resolve() != folder.resolve():
+            self._check_listed_stage(Path(init_from), folder)
+            shutil.copytree(init_from, folder, dirs_exist_ok=True)
         else:
             cascade_folder.write_cascade_config(folder, self.cascade)
         cascade_folder.write_stage(folder, self.stage, self.ema.weights())
         logger.info("exported the EMA weights of stage %s to %s", self.stage.name, folder)
         return folder
+
+
+    def _check_listed_stage(self, source: Path, folder: Path) -> None:
+        """Raise ValueError unless ``source/cascade.json`` lists this stage with the same config."""
+        try:
+            listed = cascade_folder.read_cascade(source).stage(self.stage.name)
+        except KeyError as error:
+            raise ValueError(f"cannot export stage {self.stage.name!r} into {folder}: {error}") from None
+        difference = cascade_folder.first_difference(to_dict(listed), to_dict(self.stage))
+        if difference is not None:
+            raise ValueError(f"cannot export stage {self.stage.name!r} into {folder}: {source / cascade_folder.CASCADE_FILE} "
+                             f"differs at key '{difference[0]}' ({difference[1]!r} there, {difference[2]!r} in this run); "
+                             f"export into a new folder with --export")
 
 
 def train(options: TrainOptions, accelerator: Optional[Accelerator] = None) -> dict[str, Any]:

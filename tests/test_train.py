@@ -37,7 +37,15 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    torch.set_flush_denormal(False)  # the trainer turns it on for the whole process
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Train these tiny models on one thread: on a loaded CPU, waits between threads made some steps over 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_unet(lowres: bool, text_dim: int) -> UNetConfig:
@@ -144,6 +152,30 @@ def test_ema_state_round_trip_and_missing_key() -> None:
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="invalid EMA decay 1.5"):
         ExponentialMovingAverage(model, decay=1.5)
+
+
+# --- caption embeddings ----------------------------------------------------------------------
+
+
+def test_caption_embeddings_memory_and_read_only(tiny_text_encoder_config, tmp_path: Path) -> None:
+    from imagen.caption_embeddings import CaptionEmbeddings
+    from imagen.text_encoder import EmbeddingCache, FrozenTextEncoder
+
+    encoder = FrozenTextEncoder.from_config(tiny_text_encoder_config)
+    captions = ["a red square", "a blue square", "a red square"]
+    reader = CaptionEmbeddings(EmbeddingCache(tmp_path / "cache", encoder), write_cache=False)
+    embeds, mask = reader.lookup(captions)
+    assert not (tmp_path / "cache").exists(), "a process without write_cache wrote the cache"
+    expected_embeds, expected_mask = encoder.encode(captions)
+    assert torch.equal(mask, expected_mask)
+    assert torch.allclose(embeds, expected_embeds, atol=1e-5)
+
+    # A memory budget below one caption still returns every row, read through the disk cache.
+    writer = CaptionEmbeddings(EmbeddingCache(tmp_path / "cache", encoder), max_bytes=16)
+    embeds_small, mask_small = writer.lookup(captions)
+    assert torch.equal(mask_small, expected_mask)
+    assert torch.allclose(embeds_small, expected_embeds, atol=1e-5)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
 
 
 # --- options ---------------------------------------------------------------------------------
@@ -266,6 +298,19 @@ def test_finetune_changes_only_its_stage(cascade_file: Path, colour_data: Path, 
     assert any(not torch.equal(exported[key], initial[key]) for key in initial), "the fine-tuned stage did not change"
     saved = torch.load(tmp_path / "run" / "checkpoints" / "step-00000002" / "optimizer.bin", weights_only=False)
     assert len(saved["state"]) == len(optimized)
+
+
+def test_export_rejects_other_stage_config(cascade_file: Path, colour_data: Path, tmp_path: Path) -> None:
+    from imagen.cascade_folder import write_cascade_config
+    from imagen.config import load_cascade_config
+
+    other = load_cascade_config(cascade_file)
+    other = dataclasses.replace(other, stages=(dataclasses.replace(other.stages[0], num_steps=99), *other.stages[1:]))
+    target = tmp_path / "cascade"
+    write_cascade_config(target, other)
+    with pytest.raises(ValueError, match="differs at key 'num_steps' \\(99 there, 12 in this run\\)"):
+        train(options(cascade_file, colour_data, tmp_path / "run", steps=1, export=target))
+    assert not (target / "base").exists()
 
 
 def test_shards_train_and_skip_unreadable(cascade_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -96,7 +96,6 @@ def _trainer_step_times(args: argparse.Namespace, data: Path, output: Path) -> l
 def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as the trainer does on the CPU, so both runs compute alike
     cascade = load_cascade_config(args.config)
     stage = cascade.stage(args.stage)
     with tempfile.TemporaryDirectory(prefix="imagen-bench-trainer-") as folder:
