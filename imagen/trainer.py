@@ -231,11 +231,11 @@ class Trainer:
     def _preview_inputs(self) -> tuple[list[str], Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Choose the fixed preview prompts and, for super-resolution, their low-resolution inputs.
 
-        Held-out images (a split other than ``--split`` in captions.jsonl) are used when there are
-        any, else the first images of the training data.
+        Only the main process samples previews; the others get no prompts. Held-out images (a
+        split other than ``--split`` in captions.jsonl) come first, then training images.
         """
         options, count = self.options, self.options.num_samples
-        if not options.sample_every:
+        if not options.sample_every or not self.accelerator.is_main_process:
             return [], None, None
         if options.sample_prompts and not self.stage.is_super_resolution:
             return list(options.sample_prompts)[:count], None, None
@@ -366,6 +366,7 @@ class Trainer:
         if self.options.grad_clip is not None:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.options.grad_clip)
         self.optimizer.step()
+        # NOTE: with fp16, a step that the gradient scaler skips (overflow) still advances the schedule and the EMA.
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.accelerator.unwrap_model(self.model))
