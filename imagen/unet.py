@@ -8,7 +8,7 @@ Layout, from full resolution down (level ``i`` works at ``resolution / 2**i`` wi
   convolutions runs them at the lower resolution (the paper's "Efficient U-Net" change).
 * Up block ``i``: concatenation with down block ``i``'s output scaled by 1/sqrt(2) (except at
   the lowest level, which continues from down block ``i`` directly), the residual blocks, the
-  attention, then a stride-2 transposed convolution up to level ``i - 1``.
+  attention, then a learned 2x upsampling (:class:`Upsample`) to level ``i - 1``.
 * Conditioning: a sinusoidal embedding of log-SNR, plus an attention-pooled text vector, plus
   (super-resolution) an embedding of the low-resolution image's noise-augmentation level, summed
   into one ``cond_dim`` vector that scales and shifts every residual block's second norm.
@@ -45,46 +45,6 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
-
-
-class _ConcatSkip(torch.autograd.Function):
-    """``torch.cat([h, skip * scale], dim=1)`` whose gradients keep the inputs' memory format.
-
-    The gradient of a channel slice of a channels_last tensor is strided; the convolution that
-    receives it (measured: a stride-2 transposed convolution in PyTorch 2.13 on CPU) then runs
-    about 10x slower than on a contiguous gradient, so the backward pass copies each part out.
-    """
-
-    @staticmethod
-    def forward(ctx, h, skip, scale: float):
-        ctx.scale = scale
-        ctx.split = h.shape[1]
-        ctx.formats = (_memory_format(h), _memory_format(skip))
-        return torch.cat([h, skip * scale], dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        split = ctx.split
-        grad_h = grad[:, :split].contiguous(memory_format=ctx.formats[0])
-        grad_skip = torch.mul(grad[:, split:], ctx.scale).contiguous(memory_format=ctx.formats[1])
-        return grad_h, grad_skip, None
-
-
-class _GradLayout(torch.autograd.Function):
-    """Identity whose backward pass gives the gradient the memory format of the forward input.
-
-    A loss such as ``out.square().mean()`` sends back an NCHW gradient for a channels_last output;
-    converting it before the output convolution keeps that convolution's backward on the fast path.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.format = _memory_format(x)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous(memory_format=ctx.format)
 
 
 def sinusoidal_embedding(values: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -138,6 +98,29 @@ class ResBlock(nn.Module):
         h = group_norm(h, self.norm2_groups, 1.0 + scale, shift)
         h = self.conv2(self.dropout(F.silu(h)))
         return h + self.skip(x)
+
+
+class Upsample(nn.Module):
+    """2x upsampling (B, C_in, H, W) -> (B, C_out, 2H, 2W): each pixel maps linearly to a 2x2 patch.
+
+    The same function as a transposed convolution with kernel 2 and stride 2, computed as one
+    matrix product on the channels_last pixels followed by a pixel shuffle. Forward plus backward,
+    that measured 1.5-2x faster than ``nn.ConvTranspose2d`` under bfloat16 autocast in
+    channels_last (PyTorch 2.13, 2-core AVX-512 CPU, batch 8, the up-sampling shapes of a
+    64-128-192-256 channel U-Net at 64 px).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.out_channels = out_channels
+        self.proj = nn.Linear(in_channels, 4 * out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        patches = self.proj(x.permute(0, 2, 3, 1))  # (B, H, W, 4 * C_out); no copy for channels_last x
+        patches = patches.view(batch, height, width, 2, 2, self.out_channels).permute(0, 1, 3, 2, 4, 5)
+        pixels = patches.reshape(batch, 2 * height, 2 * width, self.out_channels)
+        return pixels.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(x))
 
 
 class Level(nn.Module):
@@ -203,9 +186,7 @@ class EfficientUNet(nn.Module):
             Level(widths[i] if i == levels - 1 else 2 * widths[i], widths[i], cfg.num_res_blocks[i], cfg, i)
             for i in range(levels)
         )
-        self.upsamples = nn.ModuleList(
-            nn.ConvTranspose2d(widths[i], widths[i - 1], kernel_size=2, stride=2) for i in range(1, levels)
-        )
+        self.upsamples = nn.ModuleList(Upsample(widths[i], widths[i - 1]) for i in range(1, levels))
         self.out_norm = GroupNorm(num_groups_for(widths[0]), widths[0])
         self.out_conv = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
@@ -302,10 +283,9 @@ class EfficientUNet(nn.Module):
         top = len(self.up_levels) - 1
         for level in range(top, -1, -1):
             if level < top:
-                h = _ConcatSkip.apply(h, skips[level], SKIP_SCALE)
+                h = torch.cat([h, skips[level] * SKIP_SCALE], dim=1)
             h = self.up_levels[level](h, cond, context, context_mask)
             if level > 0:
                 h = self.upsamples[level - 1](h)
 
-        out = self.out_conv(F.silu(self.out_norm(h)))
-        return _GradLayout.apply(out) if torch.is_grad_enabled() else out
+        return self.out_conv(F.silu(self.out_norm(h)))

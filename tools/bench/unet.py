@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"reference U-Nets to compare at 64 px, from {list(REFERENCES)} (default: all; none to skip)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step (default: 8)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each subprocess (default: 2)")
-    parser.add_argument("--steps", type=int, default=3, help="timed training and sampling steps each (default: 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (default: 1)")
+    parser.add_argument("--steps", type=int, default=5, help="timed training and sampling steps each (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps before timing; the first ones allocate AdamW state and oneDNN kernels (default: 2)")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS,
                         help="fp32 and/or bf16 autocast (default: both)")
     parser.add_argument("--memory-format", default="channels_last", choices=MEMORY_FORMATS,
