@@ -3,9 +3,9 @@
 Text conditioning follows Imagen (Saharia et al., 2022, section 2.2 and appendix B): the
 frozen text encoder's token embeddings become keys and values of the U-Net's attention layers,
 and an attention-pooled summary joins the timestep embedding. A learned null token always
-sits in front of the text tokens, so every query has at least one key it may attend to: an
-all-False text mask (the null condition of classifier-free guidance) attends to that token alone
-and stays finite. All attention runs through ``F.scaled_dot_product_attention``.
+sits in front of the text tokens, so every query has at least one valid key. With an all-False
+text mask (the null condition of classifier-free guidance), text attention goes to that token
+alone and stays finite. All attention runs through ``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class TextContext(nn.Module):
     """Projects text-encoder tokens (B, L, D) to the context width and prepends a learned null token.
 
     Returns ``context`` (B, 1 + L, context_dim) and ``mask`` (B, 1 + L) bool, True where a key is
-    valid; the null token at position 0 is always valid. With ``text_embeds=None`` the context is
+    valid. The null token at position 0 is always valid. With ``text_embeds=None`` the context is
     the null token alone, which gives the same result as an all-False mask.
     """
 

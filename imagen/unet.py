@@ -4,7 +4,7 @@ Layout, from full resolution down (level ``i`` works at ``resolution / 2**i`` wi
 ``base_channels * channel_mults[i]`` channels):
 
 * Down block ``i``: a stride-2 convolution first (levels > 0), then ``num_res_blocks[i]``
-  residual blocks, then attention where the config asks for it. Downsampling before the
+  residual blocks, then attention at the levels where the config enables it. Downsampling before the
   convolutions runs them at the lower resolution (the paper's "Efficient U-Net" change).
 * Up block ``i``: concatenation with down block ``i``'s output scaled by 1/sqrt(2) (except at
   the lowest level, which continues from down block ``i`` directly), the residual blocks, the
@@ -230,8 +230,8 @@ class EfficientUNet(nn.Module):
         if cfg.lowres_cond:
             if lowres_image is None or lowres_noise_level is None:
                 raise ValueError(
-                    "this super-resolution U-Net needs lowres_image (upsampled to the output size) and "
-                    "lowres_noise_level (B,); got None"
+                    "missing lowres_image or lowres_noise_level: this super-resolution U-Net needs the "
+                    "low-resolution image upsampled to the size of x and its noise-augmentation level (B,)"
                 )
             if lowres_image.shape != x.shape:
                 raise ValueError(
@@ -241,7 +241,10 @@ class EfficientUNet(nn.Module):
             if lowres_noise_level.shape != (batch,):
                 raise ValueError(f"lowres_noise_level has shape {tuple(lowres_noise_level.shape)}: expected ({batch},)")
         elif lowres_image is not None or lowres_noise_level is not None:
-            raise ValueError("lowres_image and lowres_noise_level are only for super-resolution U-Nets (lowres_cond=true)")
+            raise ValueError(
+                "lowres_image and lowres_noise_level are only for super-resolution U-Nets (lowres_cond=true); "
+                "pass None to this base U-Net"
+            )
 
     def forward(
         self,

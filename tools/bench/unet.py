@@ -3,10 +3,10 @@
     python tools/benchmark.py unet --cascade imagen-tiny --batch-size 8 --threads 2
 
 For each stage of the cascade and each precision, one fresh subprocess builds the U-Net and
-AdamW, runs ``--warmup`` untimed and ``--steps`` timed training steps (forward, MSE loss,
-backward, optimizer step) and sampling steps (forward under ``torch.inference_mode``), then
-counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions, matrix products
-and attention; norms and elementwise ops are not counted). Precisions: ``fp32`` and ``bf16``
+AdamW. It runs ``--warmup`` untimed and ``--steps`` timed training steps (forward, MSE loss,
+backward, optimizer step) and sampling steps (forward under ``torch.inference_mode``). Then it
+counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode``: convolutions, matrix products
+and attention count, norms and elementwise ops do not. Precisions: ``fp32`` and ``bf16``
 (``torch.autocast`` to bfloat16 with float32 weights); both use channels_last model and input
 unless ``--memory-format contiguous``.
 
@@ -131,8 +131,9 @@ def measure_model(model, forward, inputs: dict, precision: str, memory_format: s
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sample_times = _time_calls(sample_step, warmup, steps)
 
-    # FLOPs do not depend on the precision; they are counted in float32 because FlopCounterMode's
-    # decompositions can miss autocast's casts (imagen-pytorch's einsum then fails on mixed dtypes).
+    # FLOPs do not depend on the precision, so they are counted in float32. Under autocast,
+    # FlopCounterMode's decompositions can miss autocast's casts, and imagen-pytorch's einsum then
+    # fails on mixed dtypes.
     with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
         out = forward(model, **inputs)
         torch.nn.functional.mse_loss(out.float(), target).backward()

@@ -1,9 +1,10 @@
 """Reference U-Nets for the U-Net benchmark, built at about the width and depth of our comparison config.
 
-* ``diffusers_if``: diffusers' ``UNet2DConditionModel`` laid out like DeepFloyd IF stage I
-  (ResNet blocks with scale-shift time conditioning, simple cross-attention blocks whose keys
-  include the image tokens, text added to the time embedding), with block_out_channels
-  (64, 128, 192, 256), 2 layers per block and 512-wide cross-attention: 29.9M parameters.
+* ``diffusers_if``: diffusers' ``UNet2DConditionModel`` laid out like DeepFloyd IF stage I.
+  It has ResNet blocks with scale-shift time conditioning, simple cross-attention blocks whose
+  keys include the image tokens, and text added to the time embedding. Here it has
+  block_out_channels (64, 128, 192, 256), 2 layers per block and 512-wide cross-attention,
+  29.9M parameters.
 * ``imagen_pytorch``: the ``Unet`` of the imagen-pytorch package with dim=64,
   dim_mults=(1, 2, 3, 4), num_resnet_blocks=2 and self- and cross-attention at the three lower
   levels: 23.8M parameters.
@@ -98,10 +99,11 @@ def _import_imagen_pytorch_unet() -> type:
 
     The package ``__init__`` pulls in its trainer and data modules; this loads only the model
     module. torchvision and kornia, which only the ``Imagen`` wrapper uses (for resizing and
-    augmentation), get empty stand-in modules during the import when they are not installed: the
-    only torchvision wheels on PyPI are built for CUDA torch. ``get_encoded_dim`` is evaluated
-    as a default argument at import time and would download a T5 config, so it is replaced by the
-    768 of its default T5 (t5-v1_1-base); the benchmark always passes ``text_embed_dim``.
+    augmentation), get empty stand-in modules during the import when they cannot be imported.
+    The torchvision wheels on PyPI are built for CUDA torch and fail to load with a CPU build.
+    ``get_encoded_dim`` is evaluated as a default argument at import time and would download a
+    T5 config. It is replaced by a function returning 768, the width of its default T5
+    (t5-v1_1-base), because the benchmark always passes ``text_embed_dim``.
     """
     spec = importlib.util.find_spec("imagen_pytorch")
     if spec is None or spec.submodule_search_locations is None:
