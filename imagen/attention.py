@@ -84,10 +84,10 @@ class AttentionPool(nn.Module):
         self.to_out = nn.Linear(context_dim, out_dim)
 
     def forward(self, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        weights = mask.to(context.dtype).unsqueeze(-1)
-        # Valid text tokens only: the null token at position 0 is excluded from the mean.
-        text_weights = weights[:, 1:]
-        mean = (context[:, 1:] * text_weights).sum(1, keepdim=True) / text_weights.sum(1, keepdim=True).clamp_min(1.0)
+        # Mean of the valid text tokens; the null token at position 0 is left out.
+        text_mask = mask[:, 1:].unsqueeze(-1)
+        text_sum = context[:, 1:].masked_fill(~text_mask, 0.0).sum(1, keepdim=True)
+        mean = text_sum / text_mask.sum(1, keepdim=True).clamp_min(1).to(text_sum.dtype)
         query = self.to_q(self.query.to(mean.dtype) + mean)
         key, value = self.to_kv(context).chunk(2, dim=-1)
         pooled = F.scaled_dot_product_attention(
