@@ -63,7 +63,8 @@ class TextContext(nn.Module):
         null_mask = torch.ones(batch, 1, dtype=torch.bool, device=null.device)
         if text_embeds is None:
             return null, null_mask
-        tokens = self.proj(self.norm(text_embeds))
+        # Text from a bfloat16 encoder or cache is cast to the layer's dtype (float32 under autocast).
+        tokens = self.proj(self.norm(text_embeds.to(self.proj.weight.dtype)))
         context = torch.cat([null.to(tokens.dtype), tokens], dim=1)
         mask = torch.cat([null_mask, text_mask], dim=1)
         return context, mask

@@ -15,6 +15,15 @@ from imagen.unet import SKIP_SCALE, EfficientUNet
 TEXT_DIM = 24
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Run this module's tiny models on one thread: faster than two when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**changes) -> UNetConfig:
     """A 3-level U-Net (downsampling factor 4) small enough for CPU tests."""
     cfg = UNetConfig(
@@ -150,6 +159,16 @@ def test_null_condition(changes):
     assert torch.isfinite(masked).all()
     assert torch.allclose(masked, no_text, atol=1e-5)
     assert not torch.allclose(masked, conditional, atol=1e-3)
+
+
+def test_bf16_text_embeds_accepted():
+    model = make_model()
+    inputs = make_inputs(model.cfg)
+    with torch.no_grad():
+        expected = model(**inputs)
+        out = model(**{**inputs, "text_embeds": inputs["text_embeds"].bfloat16()})
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=0.05)
 
 
 def test_text_changes_output():
