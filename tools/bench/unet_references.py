@@ -10,9 +10,9 @@
   levels: 23.8M parameters.
 * ``ours``: :class:`imagen.unet.EfficientUNet` with the same widths and attention levels, and
   residual blocks (1, 4, 4, 4) per level, so that its parameter count (27.3M) lies between theirs.
-  As in the Efficient U-Net, the blocks sit at the lower resolutions: at 64 px one block of 64
-  channels costs as many FLOPs as one of 128 channels at 32 px, but its convolutions run less
-  efficiently and it has twice as much GroupNorm and SiLU work per FLOP.
+  As in the Efficient U-Net, the blocks sit at the lower resolutions. At 64 px, one block of 64
+  channels costs as many FLOPs as one of 128 channels at 32 px. But its convolutions run less
+  efficiently, and it does twice as much GroupNorm and SiLU work per FLOP.
 
 Both references are optional: a missing package makes :func:`build` raise ``ImportError``,
 and the benchmark records the reason and goes on without that reference.
