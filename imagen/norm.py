@@ -32,11 +32,11 @@ def num_groups_for(channels: int) -> int:
     return 1
 
 
-def _is_reduced_channels_last(x: torch.Tensor) -> bool:
+def _is_bf16_channels_last(x: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dim() == 4
-        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dtype == torch.bfloat16
         and x.is_contiguous(memory_format=torch.channels_last)
         and not x.is_contiguous()
     )
@@ -49,7 +49,7 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ChannelsLastGroupNorm(torch.autograd.Function):
-    """GroupNorm on a bfloat16 or float16 channels_last input, with per-channel or per-sample affine.
+    """GroupNorm on a bfloat16 channels_last CPU input, with per-channel or per-sample affine.
 
     ``weight`` and ``bias`` are None, (C,) or (B, C); statistics and parameter gradients are float32.
     """
@@ -129,14 +129,14 @@ def group_norm(
     """Group-normalize ``x`` (B, C, H, W), then scale by ``weight`` and shift by ``bias``.
 
     ``weight`` and ``bias`` are None, per channel (C,) as in ``F.group_norm``, or per image and
-    channel (B, C) for FiLM conditioning (both must then have the same shape). A bfloat16 or
-    float16 channels_last input takes the fast backward path described in the module docstring,
-    and its weight and bias gradients come back in float32.
+    channel (B, C) for FiLM conditioning (both must then have the same shape). A bfloat16
+    channels_last CPU input takes the fast backward path described in the module docstring, and
+    its weight and bias gradients come back in float32.
     """
     per_sample = weight is not None and weight.dim() == 2
     if per_sample and (bias is not None and bias.shape != weight.shape):
         raise ValueError(f"per-sample weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must have the same shape")
-    if _is_reduced_channels_last(x) and torch.is_grad_enabled():
+    if _is_bf16_channels_last(x) and torch.is_grad_enabled():
         return _ChannelsLastGroupNorm.apply(x, weight, bias, groups, eps)
     if not per_sample:
         return F.group_norm(x, groups, weight, bias, eps)
