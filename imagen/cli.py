@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--noise-aug", type=float, nargs="+", metavar="LEVEL",
                           help="noise augmentation level in [0, 1] of the super-resolution stages: one or one per such stage")
     generate.add_argument("--thresholding", nargs="+", choices=THRESHOLDING, metavar="MODE",
-                          help=f"x0 thresholding, one or one per stage: {', '.join(THRESHOLDING)} (default dynamic)")
+                          help=f"x0 thresholding, one or one per stage: {', '.join(THRESHOLDING)} (default: each stage's config)")
     generate.add_argument("--height", type=int, metavar="PX", help="base-stage height in pixels (default: its resolution)")
     generate.add_argument("--width", type=int, metavar="PX", help="base-stage width in pixels (default: its resolution)")
     generate.add_argument("--stop-at-stage", metavar="STAGE", help="last stage to run and load (name or 0-based index)")
@@ -173,7 +173,7 @@ def run_generate(args: argparse.Namespace) -> int:
         num_inference_steps=_one_or_list(args.steps),
         sampler=_one_or_list(args.sampler),
         noise_aug_level=_one_or_list(args.noise_aug),
-        thresholding=_one_or_list(args.thresholding) or "dynamic",
+        thresholding=_one_or_list(args.thresholding),
         seed=args.seed,
         height=args.height,
         width=args.width,

@@ -147,7 +147,10 @@ class StageConfig:
     noise-augmented at a level in [0, 1] (0 = clean, 1 = pure noise): drawn uniformly in
     ``[0, train_noise_aug_max]`` in training, ``sample_noise_aug_level`` at sampling.
     ``train_crop`` (pixels, or null) trains on random crops of that size, as the paper
-    does for 256 -> 1024.
+    does for 256 -> 1024. ``guidance_scale``, ``sampler``, ``num_steps`` and ``thresholding``
+    are the stage's sampling defaults. Dynamic thresholding counters the saturation that large
+    guidance scales cause; at ``guidance_scale`` 1 static clipping is enough, and dynamic
+    thresholding darkens images whose background sits at the edge of the range (white, here).
     """
 
     name: str
@@ -159,6 +162,7 @@ class StageConfig:
     guidance_scale: float
     sampler: str
     num_steps: int
+    thresholding: str
     unet: UNetConfig
     diffusion: DiffusionConfig
 
@@ -184,6 +188,7 @@ class StageConfig:
         _check(self.guidance_scale >= 0.0, "guidance_scale", self.guidance_scale, "a float >= 0 (1.0 = no guidance)")
         _check_choice("sampler", self.sampler, SAMPLERS)
         _check(self.num_steps >= 1, "num_steps", self.num_steps, "an integer >= 1")
+        _check_choice("thresholding", self.thresholding, THRESHOLDING)
 
     @property
     def is_super_resolution(self) -> bool:

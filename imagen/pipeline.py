@@ -449,7 +449,7 @@ class ImagenPipeline:
         guidance = per_stage(guidance_scale, "guidance_scale", run, cascade, lambda s: s.guidance_scale, check_guidance_scale)
         steps = per_stage(num_inference_steps, "num_inference_steps", run, cascade, lambda s: s.num_steps, check_num_steps)
         samplers = per_stage(sampler, "sampler", run, cascade, lambda s: s.sampler, check_sampler)
-        modes = per_stage(thresholding, "thresholding", run, cascade, lambda s: "dynamic", check_thresholding)
+        modes = per_stage(thresholding, "thresholding", run, cascade, lambda s: s.thresholding, check_thresholding)
         super_resolution = [stage for stage in run if stage.is_super_resolution]
         levels = dict(zip(
             [stage.name for stage in super_resolution],
@@ -471,7 +471,7 @@ class ImagenPipeline:
         num_inference_steps: Any = None,
         sampler: Any = None,
         noise_aug_level: Any = None,
-        thresholding: Any = "dynamic",
+        thresholding: Any = None,
     ) -> list[StageSettings]:
         """Check the arguments of :meth:`__call__` and return the settings of each stage it would run.
 
@@ -511,7 +511,7 @@ class ImagenPipeline:
         num_inference_steps: Any = None,
         sampler: Any = None,
         noise_aug_level: Any = None,
-        thresholding: Any = "dynamic",
+        thresholding: Any = None,
         generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
         seed: Optional[int] = None,
         height: Optional[int] = None,
@@ -531,7 +531,7 @@ class ImagenPipeline:
 
         Per-stage settings (``guidance_scale``, ``num_inference_steps``, ``sampler``,
         ``thresholding``) take one value, a list with one value per stage, or a dict keyed by
-        stage name. None uses each StageConfig's value (thresholding defaults to "dynamic").
+        stage name. None uses each StageConfig's value.
         ``noise_aug_level`` in [0, 1] works the same way over the super-resolution stages only.
 
         ``height`` x ``width`` is the base stage's output size (default: its resolution), and
@@ -587,7 +587,7 @@ class ImagenPipeline:
         num_inference_steps: Any = None,
         sampler: Any = None,
         noise_aug_level: Any = None,
-        thresholding: Any = "dynamic",
+        thresholding: Any = None,
         generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
         seed: Optional[int] = None,
         output_type: str = "pil",

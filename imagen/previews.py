@@ -50,7 +50,7 @@ def sample_stage(model: nn.Module, stage: StageConfig, text_embeds: torch.Tensor
     else:
         model_fn = guided
     return sample(model_fn, shape, diffusion=stage.diffusion, solver=stage.sampler,
-                  num_steps=num_steps or stage.num_steps, generators=generators, device=device, progress=progress)
+                  num_steps=num_steps or stage.num_steps, thresholding=stage.thresholding, generators=generators, device=device, progress=progress)
 
 
 def preview_grid(samples: torch.Tensor, lowres: Optional[torch.Tensor] = None,

@@ -25,7 +25,7 @@ def tiny_stage(name: str, resolution: int, lowres: int | None, text_dim: int) ->
     return StageConfig(
         name=name, resolution=resolution, lowres_resolution=lowres, train_crop=None,
         train_noise_aug_max=0.0 if lowres is None else 0.5, sample_noise_aug_level=0.0 if lowres is None else 0.2,
-        guidance_scale=3.0, sampler="dpmpp_2m", num_steps=2, unet=unet,
+        guidance_scale=3.0, sampler="dpmpp_2m", num_steps=2, thresholding="dynamic", unet=unet,
         diffusion=DiffusionConfig("cosine", "v", -20.0, 20.0, 5.0),
     )
 

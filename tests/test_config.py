@@ -136,6 +136,7 @@ INVALID_VALUES = [
     ("stages.0.resolution", 66, "stages[0].resolution", "66", "a multiple of the U-Net's downsampling factor 4"),
     ("stages.0.resolution", -64, "stages[0].resolution", "-64", "an integer > 0 (pixels)"),
     ("stages.0.num_steps", 0, "stages[0].num_steps", "0", "an integer >= 1"),
+    ("stages.1.thresholding", "adaptive", "stages[1].thresholding", "'adaptive'", "one of 'dynamic', 'static', 'none'"),
     ("stages.0.sampler", "euler", "stages[0].sampler", "'euler'", "one of 'ddpm', 'ddim', 'dpmpp_2m'"),
     ("stages.0.guidance_scale", -1.0, "stages[0].guidance_scale", "-1.0", "a float >= 0 (1.0 = no guidance)"),
     ("stages.0.guidance_scale", "5", "stages[0].guidance_scale", "'5'", "expected a finite number"),

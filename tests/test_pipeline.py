@@ -58,6 +58,7 @@ def tiny_stage(name: str, resolution: int, lowres: int | None, text_dim: int, st
         guidance_scale=3.0 if lowres is None else 2.0,
         sampler="dpmpp_2m",
         num_steps=steps,
+        thresholding="dynamic",
         unet=tiny_unet(text_dim, lowres is not None),
         diffusion=DiffusionConfig("cosine", "v", -20.0, 20.0, 5.0),
     )

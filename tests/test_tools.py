@@ -51,7 +51,8 @@ def tiny_stage(name: str, resolution: int, lowres: int | None, crop: int | None,
     return StageConfig(
         name=name, resolution=resolution, lowres_resolution=lowres, train_crop=crop,
         train_noise_aug_max=0.0 if lowres is None else 0.5, sample_noise_aug_level=0.0 if lowres is None else 0.2,
-        guidance_scale=3.0 if lowres is None else 1.0, sampler="ddim", num_steps=2, unet=unet,
+        guidance_scale=3.0 if lowres is None else 1.0, sampler="ddim", num_steps=2,
+        thresholding="dynamic" if lowres is None else "static", unet=unet,
         diffusion=DiffusionConfig("cosine", "v" if lowres is None else "eps", -20.0, 20.0, 5.0),
     )
 

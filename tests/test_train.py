@@ -62,10 +62,10 @@ def cascade_file(tiny_text_encoder_config, tmp_path_factory) -> Path:
     # No min-SNR weighting here: it scales the v loss at high noise, where only the caption tells
     # the colour, by about the SNR. With it, 100 steps did not tell red from blue.
     base = StageConfig(name="base", resolution=16, lowres_resolution=None, train_crop=None, train_noise_aug_max=0.0,
-                       sample_noise_aug_level=0.0, guidance_scale=3.0, sampler="ddim", num_steps=12,
+                       sample_noise_aug_level=0.0, guidance_scale=3.0, sampler="ddim", num_steps=12, thresholding="dynamic",
                        unet=tiny_unet(False, dim), diffusion=dataclasses.replace(diffusion, min_snr_gamma=None))
     sr = StageConfig(name="sr32", resolution=32, lowres_resolution=16, train_crop=16, train_noise_aug_max=0.5,
-                     sample_noise_aug_level=0.1, guidance_scale=1.0, sampler="ddim", num_steps=4,
+                     sample_noise_aug_level=0.1, guidance_scale=1.0, sampler="ddim", num_steps=4, thresholding="static",
                      unet=tiny_unet(True, dim), diffusion=diffusion)
     path = tmp_path_factory.mktemp("cascade") / "tiny.json"
     save_cascade_config(CascadeConfig(name="tiny-test", text_encoder=tiny_text_encoder_config, stages=(base, sr)), path)
