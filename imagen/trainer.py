@@ -113,11 +113,20 @@ class TrainOptions:
             raise ValueError("no cascade given: pass --config (a shipped cascade name or a JSON file) or --init-from CASCADE_DIR")
 
 
+# Sampling defaults of a stage: they do not change training, so a resumed run may differ in them.
+SAMPLING_KEYS = ("sample_noise_aug_level", "guidance_scale", "sampler", "num_steps", "thresholding")
+
+
+def _training_fields(stage: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in stage.items() if key not in SAMPLING_KEYS}
+
+
 class TrainerState:
     """Step counter and run identity, saved in every checkpoint.
 
-    Loading a state whose seed, global batch or stage config differs from the current run
-    raises, because the resumed run could not continue the same data order and model.
+    Loading a state whose seed, global batch or stage config (other than its sampling defaults,
+    ``SAMPLING_KEYS``) differs from the current run raises, because the resumed run could not
+    continue the same data order and model.
     """
 
     def __init__(self, seed: int, global_batch: int, stage: StageConfig, num_processes: int):
@@ -138,7 +147,7 @@ class TrainerState:
             if state[key] != current:
                 raise ValueError(f"checkpoint has {key} {state[key]}, this run {current}: resume with the same --seed and "
                                  f"batch_size * processes * accumulation, or start a new --output")
-        difference = cascade_folder.first_difference(state["stage"], self.stage)
+        difference = cascade_folder.first_difference(_training_fields(state["stage"]), _training_fields(self.stage))
         if difference is not None:
             raise ValueError(f"checkpoint stage config differs at key '{difference[0]}' ({difference[1]!r} in the checkpoint, "
                              f"{difference[2]!r} now): resume with the same cascade config, or fine-tune with --init-from")

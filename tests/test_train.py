@@ -200,6 +200,23 @@ def test_unknown_stage_names_stages(cascade_file: Path, colour_data: Path, tmp_p
         Trainer(options(cascade_file, colour_data, tmp_path, stage="sr64"))
 
 
+def test_resume_ignores_sampling_defaults(cascade_file: Path) -> None:
+    from imagen.config import load_cascade_config
+    from imagen.trainer import TrainerState
+
+    stage = load_cascade_config(cascade_file).stages[0]
+    saved = TrainerState(seed=0, global_batch=4, stage=stage, num_processes=1)
+    saved.step = 7
+    resampled = dataclasses.replace(stage, guidance_scale=9.0, num_steps=3, thresholding="none", sampler="ddpm")
+    resumed = TrainerState(seed=0, global_batch=4, stage=resampled, num_processes=1)
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.step == 7
+
+    wider = dataclasses.replace(stage, unet=dataclasses.replace(stage.unet, base_channels=stage.unet.base_channels * 2))
+    with pytest.raises(ValueError, match="differs at key 'unet.base_channels'"):
+        TrainerState(seed=0, global_batch=4, stage=wider, num_processes=1).load_state_dict(saved.state_dict())
+
+
 # --- training --------------------------------------------------------------------------------
 
 
