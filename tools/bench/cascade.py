@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default="dpmpp_2m", choices=SAMPLERS, help="sampler of every stage (default dpmpp_2m)")
     parser.add_argument("--guidance", type=float, nargs="+", default=None,
                         help="guidance scale, one or one per stage (default: each stage's config)")
-    parser.add_argument("--thresholding", default="dynamic", choices=THRESHOLDING, help="x0 thresholding (default dynamic)")
+    parser.add_argument("--thresholding", default=None, choices=THRESHOLDING,
+                        help="x0 thresholding of every stage (default: each stage's config)")
     parser.add_argument("--stop-at-stage", default=None, help="last stage to run (name or 0-based index)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the images (default 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
