@@ -38,6 +38,7 @@ from .config import (
     load_json_config,
     save_json_config,
     to_dict,
+    umask_file_mode,
 )
 
 CASCADE_FILE = "cascade.json"
@@ -97,6 +98,7 @@ def _temporary_path(path: Path) -> Path:
 def _fsync_and_replace(temporary: Path, path: Path) -> None:
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
+    os.chmod(temporary, umask_file_mode())
     os.replace(temporary, path)
 
 

@@ -334,6 +334,17 @@ def load_json_config(cls: type, path: PathLike) -> Any:
     return from_dict(cls, data, str(path))
 
 
+def umask_file_mode() -> int:
+    """Return the mode a new regular file gets under the process umask (0o644 under umask 022).
+
+    Temporary files for atomic writes are created with mode 0o600; they are set to this mode
+    before the rename, so that written configs and weights are as readable as any other file.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_json_config(config: Any, path: PathLike) -> None:
     """Write a config dataclass as indented JSON, atomically (temporary file, then rename)."""
     path = Path(path)
@@ -344,6 +355,7 @@ def save_json_config(config: Any, path: PathLike) -> None:
             file.write(json.dumps(to_dict(config), indent=2) + "\n")
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, umask_file_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

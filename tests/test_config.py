@@ -274,3 +274,14 @@ def test_unknown_cascade_name_lists_shipped():
 def test_from_dict_names_default_source():
     with pytest.raises(ConfigError, match=r"^<dict>: unknown key 'extra'"):
         from_dict(CascadeConfig, {**tiny_data(), "extra": 1})
+
+
+def test_saved_config_has_umask_mode(tmp_path):
+    import stat
+
+    from imagen.config import save_cascade_config, umask_file_mode
+
+    path = tmp_path / "cascade.json"
+    save_cascade_config(load_cascade_config("imagen-tiny"), path)
+    assert stat.S_IMODE(path.stat().st_mode) == umask_file_mode()
+    assert not list(tmp_path.glob("*.tmp")), "the temporary file was left behind"
