@@ -149,8 +149,8 @@ class StageConfig:
     ``train_crop`` (pixels, or null) trains on random crops of that size, as the paper
     does for 256 -> 1024. ``guidance_scale``, ``sampler``, ``num_steps`` and ``thresholding``
     are the stage's sampling defaults. Dynamic thresholding counters the saturation that large
-    guidance scales cause; at ``guidance_scale`` 1 static clipping is enough, and dynamic
-    thresholding darkens images whose background sits at the edge of the range (white, here).
+    guidance scales cause. At ``guidance_scale`` 1 static clipping is enough, and dynamic
+    thresholding would darken images whose background is at the edge of the range, such as white.
     """
 
     name: str

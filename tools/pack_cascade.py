@@ -6,8 +6,8 @@
 
 Each stage's weights are read from the safetensors file of its source cascade folder, cast to
 ``--dtype`` (floating-point tensors only), and written with the stage config of ``--config``.
-That config wins over the one stored beside the source weights, so sampling defaults can be
-changed at packing time; a U-Net or diffusion setting that differs from the source raises.
+That config replaces the one stored beside the source weights, so sampling defaults can be
+changed at packing time. A U-Net or diffusion setting that differs from the source raises.
 ``--notice`` files (licence and attribution of the training data) are copied beside the weights.
 """
 
@@ -34,9 +34,9 @@ def pack_stage(stage: StageConfig, source: Path, out: Path, dtype: torch.dtype) 
     """Copy one stage's weights from ``source`` into ``out`` as ``dtype``; return the size in bytes."""
     # Read the source config as plain JSON: it may predate fields added to StageConfig since.
     stored = json.loads((source / stage.name / "config.json").read_text(encoding="utf-8"))
-    wanted = to_dict(stage)
+    expected = to_dict(stage)
     for key in ("resolution", "lowres_resolution", "unet", "diffusion"):
-        if stored.get(key) != wanted[key]:
+        if stored.get(key) != expected[key]:
             raise ValueError(f"stage {stage.name!r}: {key} of {source / stage.name / 'config.json'} differs from the "
                              f"packing config; pack with the config the stage was trained with")
     weights = load_file(stage_weights_path(source, stage.name))
