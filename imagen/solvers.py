@@ -101,6 +101,18 @@ def discrete_log_snrs(alpha_bar: torch.Tensor, timesteps: Sequence[int]) -> torc
     return log_snrs
 
 
+def _grid_intervals(log_snrs: Sequence[float]):
+    """Yield ``(lam_t, lam_s, alpha_t, sigma_t, alpha_s, sigma_s, c)`` per step, ``c = 1 - exp(lam_t - lam_s)``.
+
+    The grid is checked and closed with the clean point log-SNR = +inf.
+    """
+    grid = check_log_snrs(log_snrs) + [math.inf]
+    for lam_t, lam_s in zip(grid[:-1], grid[1:]):
+        alpha_t, sigma_t = alpha_sigma_scalar(lam_t)
+        alpha_s, sigma_s = alpha_sigma_scalar(lam_s)
+        yield lam_t, lam_s, alpha_t, sigma_t, alpha_s, sigma_s, -math.expm1(lam_t - lam_s)
+
+
 def ddpm_steps(log_snrs: Sequence[float]) -> list[SolverStep]:
     """Ancestral DDPM steps: sample the posterior q(x_s | x_t, x0) (Ho et al., 2020, "DDPM").
 
@@ -108,12 +120,8 @@ def ddpm_steps(log_snrs: Sequence[float]) -> list[SolverStep]:
     ``(sigma_s / sigma_t)**2 (alpha_t / alpha_s) x_t + alpha_s c x0`` and the variance
     ``sigma_s**2 c``, DDPM's "fixed small" variance, written in log-SNR form.
     """
-    grid = check_log_snrs(log_snrs) + [math.inf]
     steps = []
-    for lam_t, lam_s in zip(grid[:-1], grid[1:]):
-        alpha_t, sigma_t = alpha_sigma_scalar(lam_t)
-        alpha_s, sigma_s = alpha_sigma_scalar(lam_s)
-        c = -math.expm1(lam_t - lam_s)
+    for lam_t, lam_s, alpha_t, sigma_t, alpha_s, sigma_s, c in _grid_intervals(log_snrs):
         steps.append(SolverStep(
             log_snr=lam_t, next_log_snr=lam_s,
             x_coef=(sigma_s / sigma_t) ** 2 * alpha_t / alpha_s,
@@ -133,12 +141,8 @@ def ddim_steps(log_snrs: Sequence[float], eta: float = 0.0) -> list[SolverStep]:
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"invalid eta {eta!r}: expected a float in [0, 1] (0 = deterministic DDIM, 1 = DDPM)")
-    grid = check_log_snrs(log_snrs) + [math.inf]
     steps = []
-    for lam_t, lam_s in zip(grid[:-1], grid[1:]):
-        alpha_t, sigma_t = alpha_sigma_scalar(lam_t)
-        alpha_s, sigma_s = alpha_sigma_scalar(lam_s)
-        c = -math.expm1(lam_t - lam_s)
+    for lam_t, lam_s, alpha_t, sigma_t, alpha_s, sigma_s, c in _grid_intervals(log_snrs):
         keep = math.sqrt(1.0 - eta**2 * c)  # sqrt(sigma_s**2 - std**2) / sigma_s
         # x0_coef = alpha_s - keep * sigma_s * alpha_t / sigma_t = alpha_s (1 - keep * exp(-(lam_s - lam_t) / 2)),
         # rewritten as (1 - keep) + keep (1 - exp(..)) to avoid cancellation for close grid points.
