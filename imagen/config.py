@@ -149,8 +149,10 @@ class StageConfig:
     ``train_crop`` (pixels, or null) trains on random crops of that size, as the paper
     does for 256 -> 1024. ``guidance_scale``, ``sampler``, ``num_steps`` and ``thresholding``
     are the stage's sampling defaults. Dynamic thresholding counters the saturation that large
-    guidance scales cause. At ``guidance_scale`` 1 static clipping is enough, and dynamic
-    thresholding would darken images whose background is at the edge of the range, such as white.
+    guidance scales cause on natural images. On data whose background is at the edge of the
+    range, such as white, it turns the background grey at any guidance scale, because every
+    overshoot of that background rescales the whole image. Such data needs static clipping,
+    which ``imagen-demo`` uses in all its stages.
     """
 
     name: str
