@@ -141,3 +141,15 @@ def tiny_text_encoder_config(tiny_t5_dir: Path) -> TextEncoderConfig:
         max_length=TINY_T5_MAX_LENGTH,
         dtype="float32",
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one torch thread.
+
+    On a loaded CPU, waits between threads made some steps of these tiny models over 10x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

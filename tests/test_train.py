@@ -39,13 +39,7 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Train these tiny models on one thread: on a loaded CPU, waits between threads made some steps over 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(lowres: bool, text_dim: int) -> UNetConfig:

@@ -15,13 +15,7 @@ from imagen.unet import SKIP_SCALE, EfficientUNet
 TEXT_DIM = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run this module's tiny models on one thread: faster than two when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**changes) -> UNetConfig:
