@@ -1,4 +1,4 @@
-"""tools/drawbench.py and tools/evaluate.py on a tiny two-stage cascade (16 -> 32 px, the 32 px stage cropped to 16)."""
+"""tools/drawbench.py, tools/evaluate.py and tools/pack_cascade.py on a tiny two-stage cascade (16 -> 32 px, the 32 px stage cropped to 16)."""
 
 from __future__ import annotations
 
@@ -295,3 +295,89 @@ def test_evaluate_ids_file_and_bf16(cascade_folder, data_folder, tmp_path, capsy
 def test_evaluate_rejects_unknown_split(cascade_folder, data_folder):
     with pytest.raises(ValueError, match="no records with split 'valid'"):
         evaluate.main([str(cascade_folder), str(data_folder), "--split", "valid", "--no-progress"])
+
+
+# --- tools/pack_cascade.py ---------------------------------------------------------------------
+
+pack_cascade = load_tool("pack_cascade")
+
+
+def test_pack_casts_weights_and_configs(cascade_config, cascade_folder, tmp_path):
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from imagen.cascade_folder import read_cascade, stage_weights_path
+    from imagen.config import save_cascade_config
+
+    # A sampling default changed at packing time replaces the stored one.
+    packing = dataclasses.replace(cascade_config, stages=(
+        dataclasses.replace(cascade_config.stages[0], thresholding="static"), cascade_config.stages[1]))
+    config_path = tmp_path / "packing.json"
+    save_cascade_config(packing, config_path)
+    notice = tmp_path / "SOURCE.md"
+    notice.write_text("attribution\n")
+    out = tmp_path / "packed"
+    pack_cascade.main(["--config", str(config_path), "--dtype", "bfloat16", "--out", str(out), "--notice", str(notice),
+                       "--stage", f"base={cascade_folder}", "--stage", f"sr32={cascade_folder}"])
+
+    assert read_cascade(out).stages[0].thresholding == "static"
+    assert (out / "SOURCE.md").read_text() == "attribution\n"
+    assert not out.with_name("packed.packing").exists()
+    for stage in ("base", "sr32"):
+        source = load_file(stage_weights_path(cascade_folder, stage))
+        packed = load_file(stage_weights_path(out, stage))
+        assert packed.keys() == source.keys()
+        for key, value in source.items():
+            expected = value.to(torch.bfloat16) if value.is_floating_point() else value
+            assert packed[key].dtype == expected.dtype, key
+            assert torch.equal(packed[key], expected), key
+    ImagenPipeline.from_pretrained(out)
+
+
+def test_pack_in_place_keeps_weights(cascade_config, cascade_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from imagen.cascade_folder import stage_weights_path
+    from imagen.config import save_cascade_config
+
+    folder = tmp_path / "cascade"
+    shutil.copytree(cascade_folder, folder)
+    config_path = tmp_path / "packing.json"
+    save_cascade_config(cascade_config, config_path)
+    pack_cascade.main(["--config", str(config_path), "--dtype", "float16", "--out", str(folder),
+                       "--stage", f"base={folder}", "--stage", f"sr32={folder}"])
+    source = load_file(stage_weights_path(cascade_folder, "base"))
+    packed = load_file(stage_weights_path(folder, "base"))
+    for key, value in source.items():
+        assert torch.equal(packed[key], value.to(torch.float16)), key
+
+
+def test_pack_rejects_other_unet(cascade_config, cascade_folder, tmp_path):
+    import dataclasses
+
+    from imagen.config import save_cascade_config
+
+    base = cascade_config.stages[0]
+    wider = dataclasses.replace(base, unet=dataclasses.replace(base.unet, base_channels=16))
+    config_path = tmp_path / "packing.json"
+    save_cascade_config(dataclasses.replace(cascade_config, stages=(wider, cascade_config.stages[1])), config_path)
+    out = tmp_path / "packed"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(ValueError, match="stage 'base': unet of .* differs from the packing config"):
+        pack_cascade.main(["--config", str(config_path), "--out", str(out),
+                           "--stage", f"base={cascade_folder}", "--stage", f"sr32={cascade_folder}"])
+    assert (out / "keep.txt").read_text() == "old", "a failed pack replaced --out"
+
+
+def test_pack_requires_every_stage(cascade_config, cascade_folder, tmp_path):
+    from imagen.config import save_cascade_config
+
+    config_path = tmp_path / "packing.json"
+    save_cascade_config(cascade_config, config_path)
+    with pytest.raises(SystemExit):
+        pack_cascade.main(["--config", str(config_path), "--out", str(tmp_path / "packed"),
+                           "--stage", f"base={cascade_folder}"])

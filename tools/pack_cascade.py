@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage", action="append", required=True, metavar="NAME=DIR",
                         help="a stage and the cascade folder its trained weights come from; repeat per stage")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the packed weights")
-    parser.add_argument("--out", type=Path, required=True, help="cascade folder to write (replaced if it exists)")
+    parser.add_argument("--out", type=Path, required=True, help="cascade folder to write (replaced once packing succeeds; may be a source folder)")
     parser.add_argument("--notice", type=Path, action="append", default=[],
                         help="a licence or attribution file to copy into --out; repeatable")
     args = parser.parse_args(argv)
@@ -62,16 +62,22 @@ def main(argv: list[str] | None = None) -> None:
     missing = [stage.name for stage in cascade.stages if stage.name not in sources]
     if missing:
         parser.error(f"no --stage NAME=DIR for stage(s) {missing}: give one per stage of {args.config}")
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    write_cascade_config(args.out, cascade)
+    # Build beside --out and swap it in at the end: a failed run leaves --out as it was, and
+    # --out may also be a source folder (re-packing in place).
+    staging = args.out.with_name(args.out.name + ".packing")
+    if staging.exists():
+        shutil.rmtree(staging)
+    write_cascade_config(staging, cascade)
     total = 0
     for stage in cascade.stages:
-        size = pack_stage(stage, Path(sources[stage.name]), args.out, DTYPES[args.dtype])
+        size = pack_stage(stage, Path(sources[stage.name]), staging, DTYPES[args.dtype])
         logger.info("stage %s: %.1f MB", stage.name, size / 1e6)
         total += size
     for notice in args.notice:
-        shutil.copy(notice, args.out / notice.name)
+        shutil.copy(notice, staging / notice.name)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    staging.rename(args.out)
     logger.info("wrote %s: %.1f MB of weights in %s", args.out, total / 1e6, args.dtype)
 
 
