@@ -138,8 +138,8 @@ def test_drawbench_grids_and_index(cascade_folder, prompts_file, tmp_path):
     counting = page.split("## Counting")[1].split("## ")[0]
     assert counting.index("Two cats") < counting.index("Four horses")
     assert "![Counting](counting.png)" in counting
-    assert "| base | 16x16 | ddim | 2 | 2 |" in page
-    assert "| sr32 | 32x32 | ddim | 1 | 1 | 0.2 |" in page
+    assert "| base | 16x16 | ddim | 2 | 2 |  | dynamic |" in page
+    assert "| sr32 | 32x32 | ddim | 1 | 1 | 0.2 | static |" in page
 
 
 def test_drawbench_seeds_ignore_batching(cascade_config, prompts_file, tmp_path):

@@ -138,11 +138,12 @@ def grid_columns(num_images: int, images_per_prompt: int) -> int:
 
 
 def _settings_table(settings: Sequence) -> list[str]:
-    lines = ["| stage | size | sampler | steps | guidance | noise augmentation |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| stage | size | sampler | steps | guidance | noise augmentation | thresholding |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for item in settings:
         level = "" if item.noise_aug_level is None else f"{item.noise_aug_level:g}"
         lines.append(f"| {item.name} | {item.height}x{item.width} | {item.sampler} | {item.num_steps} | "
-                     f"{item.guidance_scale:g} | {level} |")
+                     f"{item.guidance_scale:g} | {level} | {item.thresholding} |")
     return lines
 
 
