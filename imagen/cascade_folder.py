@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -109,6 +110,21 @@ def _write_json_atomic(data: Any, path: Path) -> None:
         _fsync_and_replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def replace_folder(staged: Path, destination: Path) -> None:
+    """Move the finished folder ``staged`` to ``destination`` and delete the folder it replaces.
+
+    The old folder is renamed aside first and deleted last. ``destination`` is therefore missing
+    only between two renames.
+    """
+    if not destination.exists():
+        staged.rename(destination)
+        return
+    previous = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+    destination.rename(previous)
+    staged.rename(destination)
+    shutil.rmtree(previous)
 
 
 def _cpu_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

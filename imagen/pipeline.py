@@ -30,6 +30,7 @@ from torch import nn
 from .cascade_folder import (
     TEXT_ENCODER_DIR,
     read_cascade_weights,
+    replace_folder,
     resolve_text_encoder,
     select_stages,
     write_cascade_config,
@@ -267,13 +268,7 @@ class ImagenPipeline:
             shutil.copytree(source, temporary, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             self.text_encoder.save_pretrained(temporary)
-        if destination.exists():
-            previous = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            destination.rename(previous)
-            temporary.rename(destination)
-            shutil.rmtree(previous)
-        else:
-            temporary.rename(destination)
+        replace_folder(temporary, destination)
 
     # --- devices --------------------------------------------------------------------------
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
-from imagen.config import CascadeConfig, DiffusionConfig, StageConfig, UNetConfig
+from imagen.cascade_folder import read_cascade, stage_weights_path
+from imagen.config import CascadeConfig, DiffusionConfig, StageConfig, UNetConfig, save_cascade_config
 from imagen.data import resize_center_crop
 from imagen.pipeline import ImagenPipeline
 from imagen.text_encoder import FrozenTextEncoder
@@ -144,8 +148,6 @@ def test_drawbench_grids_and_index(cascade_folder, prompts_file, tmp_path):
 
 def test_drawbench_seeds_ignore_batching(cascade_config, prompts_file, tmp_path):
     config_path = tmp_path / "cascade.json"
-    from imagen.config import save_cascade_config
-
     save_cascade_config(cascade_config, config_path)
     common = [str(prompts_file), "--config", str(config_path), "--stop-at-stage", "0", "--limit", "3", "--no-progress"]
     drawbench.main(common + ["--out", str(tmp_path / "a"), "--batch-size", "1"])
@@ -302,19 +304,18 @@ def test_evaluate_rejects_unknown_split(cascade_folder, data_folder):
 pack_cascade = load_tool("pack_cascade")
 
 
+def write_packing_config(config: CascadeConfig, folder: Path) -> Path:
+    """Save ``config`` as the --config file of a pack run and return its path."""
+    path = folder / "packing.json"
+    save_cascade_config(config, path)
+    return path
+
+
 def test_pack_casts_weights_and_configs(cascade_config, cascade_folder, tmp_path):
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from imagen.cascade_folder import read_cascade, stage_weights_path
-    from imagen.config import save_cascade_config
-
     # A sampling default changed at packing time replaces the stored one.
     packing = dataclasses.replace(cascade_config, stages=(
         dataclasses.replace(cascade_config.stages[0], thresholding="static"), cascade_config.stages[1]))
-    config_path = tmp_path / "packing.json"
-    save_cascade_config(packing, config_path)
+    config_path = write_packing_config(packing, tmp_path)
     notice = tmp_path / "SOURCE.md"
     notice.write_text("attribution\n")
     out = tmp_path / "packed"
@@ -336,17 +337,9 @@ def test_pack_casts_weights_and_configs(cascade_config, cascade_folder, tmp_path
 
 
 def test_pack_in_place_keeps_weights(cascade_config, cascade_folder, tmp_path):
-    import shutil
-
-    from safetensors.torch import load_file
-
-    from imagen.cascade_folder import stage_weights_path
-    from imagen.config import save_cascade_config
-
     folder = tmp_path / "cascade"
     shutil.copytree(cascade_folder, folder)
-    config_path = tmp_path / "packing.json"
-    save_cascade_config(cascade_config, config_path)
+    config_path = write_packing_config(cascade_config, tmp_path)
     pack_cascade.main(["--config", str(config_path), "--dtype", "float16", "--out", str(folder),
                        "--stage", f"base={folder}", "--stage", f"sr32={folder}"])
     source = load_file(stage_weights_path(cascade_folder, "base"))
@@ -356,14 +349,9 @@ def test_pack_in_place_keeps_weights(cascade_config, cascade_folder, tmp_path):
 
 
 def test_pack_rejects_other_unet(cascade_config, cascade_folder, tmp_path):
-    import dataclasses
-
-    from imagen.config import save_cascade_config
-
     base = cascade_config.stages[0]
     wider = dataclasses.replace(base, unet=dataclasses.replace(base.unet, base_channels=16))
-    config_path = tmp_path / "packing.json"
-    save_cascade_config(dataclasses.replace(cascade_config, stages=(wider, cascade_config.stages[1])), config_path)
+    config_path = write_packing_config(dataclasses.replace(cascade_config, stages=(wider, cascade_config.stages[1])), tmp_path)
     out = tmp_path / "packed"
     out.mkdir()
     (out / "keep.txt").write_text("old")
@@ -374,10 +362,7 @@ def test_pack_rejects_other_unet(cascade_config, cascade_folder, tmp_path):
 
 
 def test_pack_requires_every_stage(cascade_config, cascade_folder, tmp_path):
-    from imagen.config import save_cascade_config
-
-    config_path = tmp_path / "packing.json"
-    save_cascade_config(cascade_config, config_path)
+    config_path = write_packing_config(cascade_config, tmp_path)
     with pytest.raises(SystemExit):
         pack_cascade.main(["--config", str(config_path), "--out", str(tmp_path / "packed"),
                            "--stage", f"base={cascade_folder}"])

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from imagen.cascade_folder import stage_weights_path, write_cascade_config, write_stage
+from imagen.cascade_folder import replace_folder, stage_weights_path, write_cascade_config, write_stage
 from imagen.config import StageConfig, load_cascade_config, to_dict
 
 logger = logging.getLogger("pack_cascade")
@@ -75,9 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         total += size
     for notice in args.notice:
         shutil.copy(notice, staging / notice.name)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    staging.rename(args.out)
+    replace_folder(staging, args.out)
     logger.info("wrote %s: %.1f MB of weights in %s", args.out, total / 1e6, args.dtype)
 
 
