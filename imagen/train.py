@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from imagen.checkpoint import CheckpointError
-from imagen.trainer import MIXED_PRECISION, TrainOptions, Trainer, build_accelerator
+from imagen.trainer import LR_SCHEDULES, MIXED_PRECISION, TrainOptions, Trainer, build_accelerator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     optim.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW (default 1e-4)")
     optim.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up, in steps (default 100)")
+    optim.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                       help="after the warm-up: 'constant', or 'cosine' down to 0 at --steps (default constant)")
     optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     optim.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon added to the root of the second moment (default 1e-8)")
     optim.add_argument("--grad-clip", type=float, default=1.0, help="maximum gradient norm; 0 turns clipping off (default 1.0)")
@@ -81,7 +83,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         text_encoder=args.text_encoder, text_cache=args.text_cache, init_from=args.init_from, export=args.export,
         export_at_end=not args.no_export,
         resume=args.resume, steps=args.steps, batch_size=args.batch_size, accumulation=args.accumulation, lr=args.lr,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, adam_eps=args.adam_eps, grad_clip=args.grad_clip or None,
+        warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, adam_eps=args.adam_eps, grad_clip=args.grad_clip or None,
         mixed_precision=args.mixed_precision, ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup,
         caption_dropout=args.caption_dropout, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints or None, log_every=args.log_every, sample_every=args.sample_every,

@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -43,6 +43,7 @@ from imagen.training_step import draw_sample_noise, stage_loss
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrainOptions:
     accumulation: int = 1
     lr: float = 1e-4
     warmup_steps: int = 100
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -99,6 +101,8 @@ class TrainOptions:
         if self.warmup_steps < 0 or self.sample_every < 0 or self.num_workers < 0:
             raise ValueError(f"invalid --warmup-steps {self.warmup_steps}, --sample-every {self.sample_every} or "
                              f"--num-workers {self.num_workers}: expected integers >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"invalid --lr-schedule {self.lr_schedule!r}: expected one of {LR_SCHEDULES}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"invalid --caption-dropout {self.caption_dropout}: expected a probability in [0, 1]")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -154,9 +158,28 @@ class TrainerState:
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
 
 
-def warmup_factor(warmup_steps: int):
-    """Return the learning-rate multiplier of step ``n``: linear from ``1 / warmup`` to 1, then constant."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_factor(warmup_steps: int, total_steps: int, schedule: str = "constant") -> Callable[[int], float]:
+    """Return the learning-rate multiplier in [0, 1] as a function of the 0-based optimizer step.
+
+    Warm-up is linear from ``1 / warmup_steps`` to 1 over the first ``warmup_steps`` steps.
+    After it, "constant" keeps 1, and "cosine" follows half a cosine from 1 down to 0 at
+    step ``total_steps``, so the last step (``total_steps - 1``) still trains at a small
+    positive rate. A run resumed with another ``--steps`` follows the new cosine from the
+    resumed step on.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"invalid learning-rate schedule {schedule!r}: expected one of {LR_SCHEDULES}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        decay_steps = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps + 1) / (decay_steps + 1))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def build_accelerator(mixed_precision: str = "no") -> Accelerator:
@@ -285,7 +308,8 @@ class Trainer:
         self.ema = ExponentialMovingAverage(model, options.ema_decay, options.ema_warmup)
         optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, betas=options.adam_betas,
                                       eps=options.adam_eps, weight_decay=options.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_factor(options.warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_factor(options.warmup_steps, options.steps, options.lr_schedule))
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         acc.register_for_checkpointing(self.ema, self.state)
         count = sum(parameter.numel() for parameter in model.parameters())
@@ -385,6 +409,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``options.steps``, checkpointing, logging and sampling on the way; then export."""
         options, acc = self.options, self.accelerator
+        target = self.export_target()
+        if target is not None and (target / cascade_folder.CASCADE_FILE).is_file():
+            self._check_listed_stage(target, target)  # fail before training, not after it
         start = self.state.step
         batches = self.batches(start)
         progress = tqdm(total=options.steps, initial=start, desc=f"train {self.stage.name}", dynamic_ncols=True,
@@ -413,8 +440,8 @@ class Trainer:
         progress.close()
         if start >= options.steps:
             logger.info("nothing to train: the checkpoint is at step %d, --steps is %d", start, options.steps)
-        if options.export_at_end or options.export is not None:
-            self.export(options.export or self.output / "cascade")
+        if target is not None:
+            self.export(target)
         return {"step": self.state.step, "images_seen": self.state.images_seen, "skipped": len(self.skipped)}
 
     def _log(self, step: int, mean_loss: float, lr: float, images_per_second: float) -> None:
@@ -444,12 +471,20 @@ class Trainer:
         logger.info("wrote samples %s for prompts %s", path, self.preview_prompts)
         return path
 
+    def export_target(self) -> Optional[Path]:
+        """Return the cascade folder that :meth:`fit` exports to at the end, or None for no export."""
+        if self.options.export is not None:
+            return Path(self.options.export)
+        return self.output / "cascade" if self.options.export_at_end else None
+
     def export(self, folder: Path) -> Optional[Path]:
         """Write the EMA weights of the stage into cascade folder ``folder`` (main process only).
 
         A new folder gets ``cascade.json`` and, when fine-tuning, a copy of the ``--init-from``
-        folder, so the other stages stay byte-identical. An existing folder must already list this
-        stage with the same config; only this stage's files are replaced.
+        folder, so the other stages stay byte-identical. If this run's stage config differs from
+        the one ``--init-from`` lists (a fine-tune with another loss weighting, say), the copied
+        ``cascade.json`` lists this run's config instead. An existing folder must already list
+        this stage with the same config; only this stage's files are replaced.
         """
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -460,14 +495,25 @@ class Trainer:
         if (folder / cascade_folder.CASCADE_FILE).is_file():
             self._check_listed_stage(folder, folder)
         elif init_from is not None and Path(init_from).resolve() != folder.resolve():
-            self._check_listed_stage(Path(init_from), folder)
             shutil.copytree(init_from, folder, dirs_exist_ok=True)
+            self._list_this_stage(folder)
         else:
             cascade_folder.write_cascade_config(folder, self.cascade)
         cascade_folder.write_stage(folder, self.stage, self.ema.weights())
         logger.info("exported the EMA weights of stage %s to %s", self.stage.name, folder)
         return folder
 
+
+    def _list_this_stage(self, folder: Path) -> None:
+        """Make ``folder/cascade.json`` list this run's stage config in place of the one it lists."""
+        cascade = cascade_folder.read_cascade(folder)
+        difference = cascade_folder.first_difference(to_dict(cascade.stage(self.stage.name)), to_dict(self.stage))
+        if difference is None:
+            return
+        stages = tuple(self.stage if stage.name == self.stage.name else stage for stage in cascade.stages)
+        cascade_folder.write_cascade_config(folder, dataclasses.replace(cascade, stages=stages))
+        logger.info("stage %s of %s differs from --init-from at key '%s' (%r there, %r in this run): "
+                    "the exported cascade.json lists this run's config", self.stage.name, folder, *difference)
 
     def _check_listed_stage(self, source: Path, folder: Path) -> None:
         """Raise ValueError unless ``source/cascade.json`` lists this stage with the same config."""

@@ -23,7 +23,7 @@ from imagen.checkpoint import CheckpointError, latest_checkpoint, list_checkpoin
 from imagen.config import CascadeConfig, DiffusionConfig, StageConfig, UNetConfig, save_cascade_config
 from imagen.ema import ExponentialMovingAverage
 from imagen.train import main as train_main
-from imagen.trainer import TrainOptions, Trainer, train
+from imagen.trainer import TrainOptions, Trainer, lr_factor, train
 
 COLOURS = {"red": (230, 30, 30), "blue": (30, 30, 230), "green": (30, 200, 30), "yellow": (230, 230, 30)}
 REPO = Path(__file__).resolve().parent.parent
@@ -181,12 +181,38 @@ def test_caption_embeddings_memory_and_read_only(tiny_text_encoder_config, tmp_p
     ({"caption_dropout": 1.5}, "invalid --caption-dropout 1.5"),
     ({"mixed_precision": "fp8"}, "invalid --mixed-precision 'fp8'"),
     ({"grad_clip": -1.0}, "invalid --grad-clip -1.0"),
+    ({"lr_schedule": "linear"}, "invalid --lr-schedule 'linear'"),
     ({"shards": Path("x")}, "pass exactly one of --data"),
     ({"config": None}, "no cascade given"),
 ])
 def test_invalid_options_raise(cascade_file: Path, colour_data: Path, tmp_path: Path, overrides, message) -> None:
     with pytest.raises(ValueError, match=message):
         options(cascade_file, colour_data, tmp_path, **overrides).validate()
+
+
+def test_lr_factor_warmup_and_cosine() -> None:
+    constant, cosine = lr_factor(4, 20, "constant"), lr_factor(4, 20, "cosine")
+    assert [constant(n) for n in range(4)] == [cosine(n) for n in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert all(constant(n) == 1.0 for n in range(4, 40))
+    decay = [cosine(n) for n in range(4, 20)]
+    assert all(a > b for a, b in zip(decay, decay[1:])), decay
+    assert 0.99 < decay[0] < 1.0 and 0.0 < decay[-1] < 0.01
+    # Halfway through the decay the rate is half the peak.
+    assert lr_factor(0, 101, "cosine")(50) == pytest.approx(0.5)
+    assert lr_factor(0, 10, "cosine")(10) == 0.0
+    with pytest.raises(ValueError, match="invalid learning-rate schedule 'step'"):
+        lr_factor(0, 10, "step")
+
+
+def test_cosine_schedule_sets_optimizer_lr(cascade_file: Path, colour_data: Path, tmp_path: Path) -> None:
+    """The scheduler saved with the last checkpoint has stepped the optimizer's rate down the cosine."""
+    extra = ["--stage", "base", "--steps", "6", "--lr-schedule", "cosine", "--checkpoint-every", "3", "--no-export",
+             "--batch-size", "2", "--log-level", "WARNING"]
+    assert train_main(cli_args(cascade_file, colour_data, tmp_path / "run", *extra)) == 0
+    for step in (3, 6):
+        scheduler = torch.load(tmp_path / "run" / "checkpoints" / f"step-{step:08d}" / "scheduler.bin", weights_only=False)
+        assert scheduler["_last_lr"][0] == pytest.approx(1e-3 * lr_factor(2, 6, "cosine")(step))
+    assert 0.0 < lr_factor(2, 6, "cosine")(3) < 1.0
 
 
 def test_unknown_stage_names_stages(cascade_file: Path, colour_data: Path, tmp_path: Path) -> None:
@@ -322,6 +348,30 @@ def test_export_rejects_other_stage_config(cascade_file: Path, colour_data: Path
     with pytest.raises(ValueError, match="differs at key 'num_steps' \\(99 there, 12 in this run\\)"):
         train(options(cascade_file, colour_data, tmp_path / "run", steps=1, export=target))
     assert not (target / "base").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists(), "the mismatch was found only after training"
+
+
+def test_finetune_export_lists_new_config(cascade_file: Path, colour_data: Path, tmp_path: Path) -> None:
+    """Fine-tuning with another training config exports a cascade that lists it; other stages stay byte-identical."""
+    from imagen.cascade_folder import read_cascade, read_stage
+    from imagen.config import load_cascade_config
+    from imagen.pipeline import ImagenPipeline
+
+    source = tmp_path / "pretrained"
+    ImagenPipeline.from_config(cascade_file, seed=3).save_pretrained(source)
+    cascade = load_cascade_config(cascade_file)
+    changed = dataclasses.replace(cascade.stages[0], diffusion=dataclasses.replace(cascade.stages[0].diffusion, min_snr_gamma=2.0))
+    changed_file = tmp_path / "changed.json"
+    save_cascade_config(dataclasses.replace(cascade, stages=(changed, *cascade.stages[1:])), changed_file)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(options(changed_file, colour_data, tmp_path / "run", init_from=source, steps=1, export=tmp_path / "tuned"))
+    tuned = tmp_path / "tuned"
+    assert read_cascade(tuned).stage("base") == changed
+    assert read_stage(tuned, "base")[0] == changed
+    assert read_cascade(source).stage("base").diffusion.min_snr_gamma is None
+    for name in ("sr32/model.safetensors", "sr32/config.json"):
+        assert (tuned / name).read_bytes() == (source / name).read_bytes(), f"{name} is not byte-identical"
 
 
 def test_shards_train_and_skip_unreadable(cascade_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
