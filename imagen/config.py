@@ -122,6 +122,10 @@ class DiffusionConfig:
 
     ``log_snr_min`` and ``log_snr_max`` clip the schedule at t = 1 and t = 0.
     ``min_snr_gamma`` turns on min-SNR loss weighting (Hang et al., 2023) when not null.
+    With the v objective its weight falls to about the SNR itself at high noise (0.018 at
+    log-SNR -4), so the first sampler steps, which settle the layout, get almost no training
+    signal. Null keeps the plain v loss, whose weight is 1 at every noise level; the
+    ``imagen-demo`` base stage uses it, because its shapes were blobs under gamma = 5.
     """
 
     schedule: str
