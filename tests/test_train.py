@@ -196,7 +196,8 @@ def test_lr_factor_warmup_and_cosine() -> None:
     assert all(constant(n) == 1.0 for n in range(4, 40))
     decay = [cosine(n) for n in range(4, 20)]
     assert all(a > b for a, b in zip(decay, decay[1:])), decay
-    assert 0.99 < decay[0] < 1.0 and 0.0 < decay[-1] < 0.01
+    assert 0.99 < decay[0] < 1.0
+    assert 0.0 < decay[-1] < 0.01
     # Halfway through the decay the rate is half the peak.
     assert lr_factor(0, 101, "cosine")(50) == pytest.approx(0.5)
     assert lr_factor(0, 10, "cosine")(10) == 0.0
@@ -205,7 +206,7 @@ def test_lr_factor_warmup_and_cosine() -> None:
 
 
 def test_cosine_schedule_sets_optimizer_lr(cascade_file: Path, colour_data: Path, tmp_path: Path) -> None:
-    """The scheduler saved with the last checkpoint has stepped the optimizer's rate down the cosine."""
+    """The scheduler saved with each checkpoint has lowered the learning rate along the cosine."""
     extra = ["--stage", "base", "--steps", "6", "--lr-schedule", "cosine", "--checkpoint-every", "3", "--no-export",
              "--batch-size", "2", "--log-level", "WARNING"]
     assert train_main(cli_args(cascade_file, colour_data, tmp_path / "run", *extra)) == 0
@@ -352,7 +353,7 @@ def test_export_rejects_other_stage_config(cascade_file: Path, colour_data: Path
 
 
 def test_finetune_export_lists_new_config(cascade_file: Path, colour_data: Path, tmp_path: Path) -> None:
-    """Fine-tuning with another training config exports a cascade that lists it; other stages stay byte-identical."""
+    """Fine-tuning with another training config exports a cascade that lists it. Other stages stay byte-identical."""
     from imagen.cascade_folder import read_cascade, read_stage
     from imagen.config import load_cascade_config
     from imagen.pipeline import ImagenPipeline
